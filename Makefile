@@ -1,0 +1,21 @@
+# BitMesh entry points. Everything runs from a venv in .venv; `make deps` installs it all.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST ?= $(PY) -m pytest
+
+.PHONY: deps test bench demo lint ipk clean
+
+deps:
+	./tools/deps.sh
+
+test: deps
+	$(PYTEST) -q
+
+bench: deps
+	$(PY) -m bench.run
+
+lint: deps
+	$(PY) -m ruff check bitmesh tests bench tools
+
+clean:
+	rm -rf dist build test-output .pytest_cache

@@ -1,0 +1,1 @@
+"""Chain backends: the service's only view of the blockchain."""

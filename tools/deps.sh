@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything the tests, the bench and the demo need; safe to run again (each step
+# is skipped when its result is already there). Debian, as root, no prompts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES="nftables iproute2 mosquitto iperf3 chromium curl"
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+missing=()
+for pkg in $APT_PACKAGES; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "deps: need root to apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.deps-$(cat pyproject.toml requirements-test.txt | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-test.txt
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e .
+  rm -f "$VENV"/.deps-*
+  touch "$stamp"
+fi
+
+lockhash=$(sha256sum package-lock.json | cut -c1-16)
+if [ ! -f "node_modules/.deps-$lockhash" ]; then
+  npm ci --no-audit --no-fund --loglevel=error
+  touch "node_modules/.deps-$lockhash"
+fi
