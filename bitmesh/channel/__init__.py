@@ -1,0 +1,1 @@
+"""Payment channels: contract, rules, state, ledger, payer and orchestration."""

@@ -1,0 +1,62 @@
+"""The payer's HTTP client for a BitMesh portal (stdlib urllib)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+from bitmesh.errors import BitMeshError
+
+
+class PortalError(BitMeshError):
+    """The portal refused a request; `code` is the portal's error code."""
+
+
+class PortalClient:
+    def __init__(self, base_url: str, timeout: float = 30.0):
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base_url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            try:
+                err = json.loads(e.read())["error"]
+            except (ValueError, KeyError, TypeError):
+                raise PortalError(f"HTTP {e.code} from portal", code="portal_error", http_status=e.code) from None
+            code = err.get("code", "portal_error")
+            raise PortalError(err.get("message", ""), code=code, http_status=e.code) from None
+
+    def offer(self) -> dict:
+        return self._call("GET", "/api/offer")
+
+    def open_channel(self, client_pubkey: bytes, deposit: int, refund_address: str) -> dict:
+        body = {"client_pubkey": client_pubkey.hex(), "deposit": deposit, "refund_address": refund_address}
+        return self._call("POST", "/api/channels", body)
+
+    def channel(self, channel_id: str) -> dict:
+        return self._call("GET", f"/api/channels/{channel_id}")
+
+    def fund(self, channel_id: str, raw_tx: bytes | None = None, txid: str | None = None,
+             vout: int | None = None) -> dict:
+        body: dict = {}
+        if raw_tx is not None:
+            body["tx"] = raw_tx.hex()
+        if txid is not None:
+            body["txid"] = txid
+        if vout is not None:
+            body["vout"] = vout
+        return self._call("POST", f"/api/channels/{channel_id}/funding", body)
+
+    def pay(self, channel_id: str, message: dict) -> dict:
+        return self._call("POST", f"/api/channels/{channel_id}/payments", message)
+
+    def close(self, channel_id: str) -> dict:
+        return self._call("POST", f"/api/channels/{channel_id}/close", {})
