@@ -14,6 +14,10 @@ test: deps
 bench: deps
 	$(PY) -m bench.run
 
+# ipk: dist/bitmesh, luci-app-bitmesh and python3-bitcoinlib .ipk files, reproducible, no OpenWrt SDK
+ipk: deps
+	$(PY) tools/ipk.py --out dist
+
 lint: deps
 	$(PY) -m ruff check bitmesh tests bench tools
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bitcoin.core import CMutableTransaction, CTransaction, CTxIn, CTxInWitness, CTxOut, CTxWitness
+from bitcoin.core import CMutableTransaction, CMutableTxIn, CTransaction, CTxInWitness, CTxOut, CTxWitness
 from bitcoin.core.script import SIGHASH_ALL, SIGVERSION_WITNESS_V0, CScript, CScriptWitness, SignatureHash
 from bitcoin.wallet import CKey
 
@@ -104,7 +104,7 @@ def build_funding(
     vout = [CTxOut(deposit, CScript(contract.script_pubkey))]
     if change >= c.DUST_LIMIT_SAT:
         vout.append(CTxOut(change, CScript(change_script)))
-    tx = CMutableTransaction([CTxIn(s.outpoint.to_core()) for s in chosen], vout, 0, c.TX_VERSION)
+    tx = CMutableTransaction([CMutableTxIn(s.outpoint.to_core()) for s in chosen], vout, 0, c.TX_VERSION)
     witnesses = []
     for i, spend in enumerate(chosen):
         key = spend.key

@@ -156,7 +156,7 @@ def _check_spend_shape(channel: Channel, payment: Payment) -> None:
                       "with the protocol's version, sequence and locktime", 400)
     change = c.change_after(channel.deposit, payment.amount)
     if change < c.DUST_LIMIT_SAT:
-        if change and tx.vout and tx.vout[0].nValue == change:
+        if change and tx.vout and bytes(tx.vout[0].scriptPubKey) == channel.refund_script:
             raise _refuse("change_dust", f"change of {change} sat is dust; pay the whole deposit instead", 400)
         return  # paying everything: outputs are the server's to choose
     if not tx.vout:

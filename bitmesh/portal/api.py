@@ -94,7 +94,8 @@ def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: st
 
 
 def make_app(manager: ChannelManager, node_id: str) -> bottle.Bottle:
-    app = bottle.Bottle(catchall=False)
+    app = bottle.Bottle()
+    app.config["catchall"] = False  # errors are answered by api_route, never as HTML
     install_channel_api(app, manager, node_id)
 
     @app.error(404)

@@ -1,0 +1,50 @@
+"""`bitmesh` command line: `bitmesh serve` runs the service (procd starts it this way)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from bitmesh.errors import BitMeshError
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError("expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from bitmesh.config import load_settings
+    from bitmesh.service import build_service
+
+    settings = load_settings(args.config)
+    host, port = args.listen or ("127.0.0.1", settings.portal_port)
+    service = build_service(settings, host, port, watch_interval=args.watch_interval)
+    service.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bitmesh", description="Pay-as-you-go Wi-Fi for bitcoin")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the hotspot service")
+    serve.add_argument("--config", default="/etc/config/bitmesh", help="UCI config file")
+    serve.add_argument("--listen", type=_host_port, help="portal HOST:PORT (default: 127.0.0.1:portal_port)")
+    serve.add_argument("--watch-interval", type=float, default=30.0, help="seconds between chain checks")
+    serve.set_defaults(func=_serve)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except BitMeshError as e:
+        print(f"bitmesh: {e.code}: {e.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Shared fixtures. Real components only: the bcoin node is a real regtest node."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.bcoin import BcoinNode
+from tests.support.coins import Faucet, key_address, new_key
+
+# segwit activates at 432 and CLTV (BIP65) at 1351 on bcoin regtest
+REGTEST_READY_HEIGHT = 1400
+
+
+@pytest.fixture(scope="session")
+def _regtest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BcoinNode, Faucet]]:
+    node = BcoinNode(tmp_path_factory.mktemp("bcoin")).start()
+    try:
+        faucet = Faucet.mine(node)  # first, while coinbases still pay 50 BTC
+        node.mine(max(0, REGTEST_READY_HEIGHT - node.height()), key_address(new_key()))
+        yield node, faucet
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def bcoin(_regtest: tuple[BcoinNode, Faucet]) -> BcoinNode:
+    """One bcoin regtest node for the whole session, at height >= 1400 (segwit and CLTV active)."""
+    return _regtest[0]
+
+
+@pytest.fixture(scope="session")
+def faucet(_regtest: tuple[BcoinNode, Faucet]) -> Faucet:
+    """Pays any script from early 50 BTC coinbases of the session node: `faucet.pay(script, sats)`."""
+    return _regtest[1]
+
+
+@pytest.fixture
+def bcoin_factory(tmp_path: Path) -> Iterator[Callable[..., BcoinNode]]:
+    """`bcoin_factory(height=0)` starts an extra node (own datadir and ports), mined to `height`
+    with throwaway coinbases; all are stopped at teardown."""
+    nodes: list[BcoinNode] = []
+
+    def make(height: int = 0) -> BcoinNode:
+        node = BcoinNode(tmp_path / f"bcoin{len(nodes)}")
+        nodes.append(node)
+        node.start()
+        if height:
+            node.mine(height, key_address(new_key()))
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture
+def hotspot(bcoin: BcoinNode, faucet: Faucet, tmp_path: Path):
+    """A router's channel side (manager, journal, HTTP portal) on the session node."""
+    from tests.support.hotspot import Hotspot
+
+    rig = Hotspot.start(bcoin, faucet, tmp_path / "state")
+    yield rig
+    rig.stop()
