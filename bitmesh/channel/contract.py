@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxInWitness, CTxOut, CTxWitness, b2lx, lx
+from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxInWitness, CTxOut, CTxWitness, lx
 from bitcoin.core.key import CPubKey
 from bitcoin.core.script import (
     OP_CHECKLOCKTIMEVERIFY,
@@ -35,6 +35,7 @@ from bitcoin.core.script import (
 )
 
 from bitmesh.chain.address import p2wsh_script
+from bitmesh.chain.txutil import txid_of  # noqa: F401 - part of this module's API
 from bitmesh.errors import ChannelError
 
 DUST_LIMIT_SAT = 546
@@ -236,10 +237,6 @@ def refund_vsize(refund_script: bytes, witness_script: bytes) -> int:
     base = 4 + 1 + 41 + 1 + 8 + 1 + len(refund_script) + 4
     witness = 1 + 1 + _MAX_SIG_LEN + 1 + 1 + 3 + len(witness_script)
     return (base * 4 + 2 + witness + 3) // 4
-
-
-def txid_of(tx: CTransaction) -> str:
-    return b2lx(tx.GetTxid())
 
 
 # --- signatures --------------------------------------------------------------------------

@@ -1,0 +1,386 @@
+"""A reusable three-part network topology in network namespaces, for real-packet tests.
+
+    client(s) --veth-- [br-lan] router [wan] --veth-- upstream
+    10.77.1.1x         10.77.1.1       10.77.2.1     10.77.2.2
+    fd77:1::1x         fd77:1::1       fd77:2::1     fd77:2::2
+
+Every namespace name starts with a prefix unique to this run, so parallel runs never collide;
+all addresses live only inside these namespaces. `Topology` is a context manager: leaving it
+(normally or by an exception) stops the processes it started and deletes its namespaces, and an
+atexit hook does the same if the interpreter exits first. Needs root and iproute2.
+
+Helpers run small Python programs inside a namespace (`call(ns, "http_get", url)`) so tests
+use real sockets in the client, and start servers (`http_server`, `udp_echo`) that print READY.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+PYTHON = sys.executable or "python3"
+
+# -- programs run inside namespaces ----------------------------------------------------------
+
+HTTP_SERVER = r"""
+import socket, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+body = sys.argv[1].encode()
+ports = [int(p) for p in sys.argv[2].split(",")]
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    def do_GET(self):
+        try:
+            if self.path.startswith("/bytes/"):
+                n = int(self.path[7:])
+                self.send_response(200)
+                self.send_header("Content-Length", str(n))
+                self.end_headers()
+                chunk = b"x" * 16384
+                while n > 0:
+                    k = min(n, len(chunk))
+                    self.wfile.write(chunk[:k])
+                    n -= k
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+        except OSError:
+            pass
+    def log_message(self, *a):
+        pass
+class S(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+    allow_reuse_address = True
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+for p in ports:
+    srv = S(("::", p), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+print("READY", flush=True)
+threading.Event().wait()
+"""
+
+UDP_ECHO = r"""
+import select, socket, sys
+socks = []
+for p in [int(p) for p in sys.argv[1].split(",")]:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", p))
+    socks.append(s)
+print("READY", flush=True)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        data, addr = s.recvfrom(65535)
+        s.sendto(data, addr)
+"""
+
+CLIENT_LIB = r"""
+import json, socket, sys, time, urllib.request
+
+def _opener():
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+def http_get(url, timeout=2.0):
+    try:
+        with _opener().open(url, timeout=timeout) as r:
+            return {"ok": True, "status": r.status, "body": r.read(4096).decode("latin-1")}
+    except Exception as e:
+        return {"ok": False, "error": repr(e)}
+
+def download(url, idle=1.0):
+    # Bytes of body received until the transfer ends or stalls for `idle` seconds.
+    n = 0
+    try:
+        with _opener().open(url, timeout=idle) as r:
+            while True:
+                b = r.read(65536)
+                if not b:
+                    break
+                n += len(b)
+    except Exception as e:
+        return {"bytes": n, "complete": False, "error": repr(e)}
+    return {"bytes": n, "complete": True}
+
+def udp_probe(host, port, n=3, timeout=0.3, source=None):
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    if source:
+        s.bind((source, 0))
+    s.settimeout(timeout)
+    got = 0
+    for i in range(n):
+        s.sendto(b"probe%d" % i, (host, port))
+        try:
+            while True:
+                data, _ = s.recvfrom(2048)
+                if data == b"probe%d" % i:
+                    got += 1
+                    break
+        except OSError:
+            pass
+    return {"sent": n, "replies": got}
+
+def tcp_connect(host, port, timeout=1.0, source=None):
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        if source:
+            s.bind((source, 0))
+        s.connect((host, port))
+        return {"ok": True}
+    except OSError as e:
+        return {"ok": False, "error": repr(e)}
+    finally:
+        s.close()
+
+def udp_until(host, port, until, interval=0.05, timeout=0.1):
+    # Probe every `interval` until unix time `until`; report the first and last answered send.
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(timeout)
+    first = last = None
+    first_fail_after = None
+    i = 0
+    while time.time() < until:
+        t = time.time()
+        msg = b"t%d" % i
+        i += 1
+        s.sendto(msg, (host, port))
+        ok = False
+        try:
+            while True:
+                data, _ = s.recvfrom(2048)
+                if data == msg:
+                    ok = True
+                    break
+        except OSError:
+            pass
+        if ok:
+            first = t if first is None else first
+            last = t
+            first_fail_after = None
+        elif last is not None and first_fail_after is None:
+            first_fail_after = t
+        time.sleep(max(0.0, interval - (time.time() - t)))
+    return {"first_ok": first, "last_ok": last, "first_fail_after": first_fail_after}
+
+if __name__ == "__main__":
+    fn = globals()[sys.argv[1]]
+    print(json.dumps(fn(*json.loads(sys.argv[2]), **json.loads(sys.argv[3]))))
+"""
+
+# Environment for programs in namespaces: no proxies from the caller's environment.
+_ENV = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+
+@dataclass
+class Host:
+    ns: str
+    ifname: str
+    ipv4: str
+    ipv6: str
+    mac: str | None = None
+
+
+@dataclass
+class Topology:
+    """`n_clients` client namespaces on the router's LAN bridge, one upstream namespace.
+
+    gso=False caps GSO/TSO at one segment per packet on every veth, so each skb the router
+    sees is one wire packet (needed to measure a quota cut to the packet).
+    """
+
+    n_clients: int = 2
+    gso: bool = True
+    prefix: str = field(default_factory=lambda: f"bm{os.getpid() % 100000}{secrets.token_hex(2)}")
+
+    LAN = "br-lan"
+    WAN = "wan"
+
+    def __post_init__(self) -> None:
+        self.router = Host(f"{self.prefix}-r", self.LAN, "10.77.1.1", "fd77:1::1")
+        self.upstream = Host(f"{self.prefix}-u", "eth0", "10.77.2.2", "fd77:2::2")
+        self.clients = [
+            Host(f"{self.prefix}-c{i}", "eth0", f"10.77.1.{10 + i}", f"fd77:1::{10 + i:x}", f"02:77:00:00:00:{i:02x}")
+            for i in range(1, self.n_clients + 1)
+        ]
+        self._procs: list[subprocess.Popen] = []
+        self._made: list[str] = []
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.router.ns, self.upstream.ns, *(c.ns for c in self.clients)]
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> Topology:
+        atexit.register(self.down)
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+        atexit.unregister(self.down)
+
+    def up(self) -> None:
+        for ns in self.namespaces:
+            _ip("netns", "add", ns)
+            self._made.append(ns)
+            self.sysctl(ns, "net.ipv6.conf.all.accept_dad", 0)
+            self.sysctl(ns, "net.ipv6.conf.default.accept_dad", 0)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        r, u = self.router, self.upstream
+        self.sysctl(r.ns, "net.ipv4.ip_forward", 1)
+        self.sysctl(r.ns, "net.ipv6.conf.all.forwarding", 1)
+        _ip("-n", r.ns, "link", "add", self.LAN, "type", "bridge", "mcast_snooping", "0")
+        _ip("-n", r.ns, "link", "set", self.LAN, "up")
+        self._addr(r.ns, self.LAN, "10.77.1.1/24", "fd77:1::1/64")
+        for i, c in enumerate(self.clients, 1):
+            port = f"lan{i}"
+            self._veth(r.ns, port, c.ns, c.ifname)
+            _ip("-n", r.ns, "link", "set", port, "master", self.LAN, "up")
+            _ip("-n", c.ns, "link", "set", c.ifname, "address", c.mac, "up")
+            self._addr(c.ns, c.ifname, f"{c.ipv4}/24", f"{c.ipv6}/64")
+            _ip("-n", c.ns, "route", "add", "default", "via", r.ipv4)
+            _ip("-n", c.ns, "-6", "route", "add", "default", "via", r.ipv6)
+        self._veth(r.ns, self.WAN, u.ns, u.ifname)
+        _ip("-n", r.ns, "link", "set", self.WAN, "up")
+        _ip("-n", u.ns, "link", "set", u.ifname, "up")
+        self._addr(r.ns, self.WAN, "10.77.2.1/24", "fd77:2::1/64")
+        self._addr(u.ns, u.ifname, f"{u.ipv4}/24", f"{u.ipv6}/64")
+        _ip("-n", u.ns, "route", "add", "10.77.1.0/24", "via", "10.77.2.1")
+        _ip("-n", u.ns, "-6", "route", "add", "fd77:1::/64", "via", "fd77:2::1")
+
+    def down(self) -> None:
+        for p in self._procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self._procs:
+            try:
+                p.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=3)
+            for f in (p.stdout, p.stderr):
+                if f:
+                    f.close()
+        self._procs.clear()
+        for ns in reversed(self._made):
+            # Anything still running inside a namespace we made is ours (started there by us).
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except (OSError, ValueError):
+                    pass
+            for _ in range(20):
+                p = subprocess.run(["ip", "netns", "delete", ns], capture_output=True, text=True)
+                if p.returncode == 0 or "No such file" in p.stderr:
+                    break
+                time.sleep(0.1)
+            else:
+                print(f"netns: could not delete {ns}: {p.stderr.strip()}", file=sys.stderr)
+        self._made.clear()
+
+    # -- building blocks ------------------------------------------------------------------
+
+    def _veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
+        extra = [] if self.gso else ["gso_max_segs", "1", "gso_max_size", "1500"]
+        _ip("link", "add", name_a, "netns", ns_a, *extra, "type", "veth", "peer", "name", name_b, "netns", ns_b, *extra)
+
+    @staticmethod
+    def _addr(ns: str, dev: str, v4: str, v6: str) -> None:
+        _ip("-n", ns, "addr", "add", v4, "dev", dev)
+        _ip("-n", ns, "-6", "addr", "add", v6, "dev", dev, "nodad")
+
+    @staticmethod
+    def sysctl(ns: str, key: str, value: int | str) -> None:
+        run_in(ns, "sysctl", "-qw", f"{key}={value}")
+
+    def nft_argv(self, ns: str | None = None) -> list[str]:
+        return ["ip", "netns", "exec", ns or self.router.ns, "nft"]
+
+    # -- processes ------------------------------------------------------------------------
+
+    def spawn(self, ns: str, *argv: str, ready: str | None = "READY", timeout: float = 10.0) -> subprocess.Popen:
+        """Start a long-running process in `ns`; wait for it to print `ready` on stdout."""
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_ENV,
+        )
+        self._procs.append(p)
+        if ready:
+            deadline = time.monotonic() + timeout
+            line = ""
+            while ready not in line:
+                line = p.stdout.readline()
+                if not line and (p.poll() is not None or time.monotonic() > deadline):
+                    raise RuntimeError(f"{argv!r} in {ns} did not start: {p.stderr.read()[:2000]}")
+        return p
+
+    def http_server(self, ns: str, body: str, ports: list[int]) -> subprocess.Popen:
+        return self.spawn(ns, PYTHON, "-c", HTTP_SERVER, body, ",".join(map(str, ports)))
+
+    def udp_echo(self, ns: str, ports: list[int]) -> subprocess.Popen:
+        return self.spawn(ns, PYTHON, "-c", UDP_ECHO, ",".join(map(str, ports)))
+
+    def call(self, ns: str, fn: str, *args, **kwargs):
+        """Run CLIENT_LIB's `fn(*args, **kwargs)` inside `ns` and return its JSON result."""
+        p = run_in(ns, PYTHON, "-c", CLIENT_LIB, fn, json.dumps(args), json.dumps(kwargs), timeout=120)
+        return json.loads(p.stdout)
+
+    # -- measuring ------------------------------------------------------------------------
+
+    def install_counters(self, ns: str, counters: dict[str, str]) -> None:
+        """Named byte counters in `ns`'s own `table inet probe`: {name: "match on input"}."""
+        lines = ["table inet probe {"]
+        lines += [f"\tcounter {name} {{\n\t\tpackets 0 bytes 0\n\t}}" for name in counters]
+        lines += ["\tchain input {", "\t\ttype filter hook input priority filter; policy accept;"]
+        lines += [f'\t\t{match} counter name "{name}"' for name, match in counters.items()]
+        lines += ["\t}", "}"]
+        run_in(ns, "nft", "-f", "-", input="\n".join(lines) + "\n")
+
+    def read_counters(self, ns: str, field: str = "bytes") -> dict[str, int]:
+        """{name: bytes} (or packets, with field="packets") of `install_counters`' counters."""
+        p = run_in(ns, "nft", "-j", "list", "counters", "table", "inet", "probe")
+        return {
+            o["counter"]["name"]: int(o["counter"][field])
+            for o in json.loads(p.stdout)["nftables"]
+            if "counter" in o
+        }
+
+    def reset_counters(self, ns: str) -> None:
+        run_in(ns, "nft", "reset", "counters", "table", "inet", "probe")
+
+
+def _ip(*args: str) -> None:
+    p = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {p.stderr.strip()}")
+
+
+def run_in(ns: str, *argv: str, input: str | None = None, timeout: float = 60.0, check: bool = True):
+    p = subprocess.run(
+        ["ip", "netns", "exec", ns, *argv], input=input, capture_output=True, text=True, timeout=timeout, env=_ENV
+    )
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{argv[:3]!r} in {ns} failed ({p.returncode}): {p.stderr.strip()[:2000]}")
+    return p

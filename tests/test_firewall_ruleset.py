@@ -1,0 +1,268 @@
+"""Rendering of `table inet bitmesh` (pure), Gate's batches against a fake nft, and an
+`nft -c` syntax/kernel check of the rendered file in a scratch network namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from bitmesh.errors import BitMeshError, ConfigError
+from bitmesh.firewall import ClientAddressError, FirewallConfig, FirewallError, Gate, PaidClient, UnknownClient
+from bitmesh.firewall.gate import parse_state
+from bitmesh.firewall.ruleset import quota_name, render, render_delete
+
+CFG = FirewallConfig(lan_interface="br-guest", router_ipv4="10.77.1.1", router_ipv6="fd77:1::1", portal_port=2050,
+                     garden_hosts4=("198.51.100.7", "203.0.113.0/24"), garden_hosts6=("2001:db8::/32",))
+MAC = "02:77:00:00:00:01"
+
+
+def rules(text: str) -> list[str]:
+    """Rule lines (statements inside chains), without declarations and elements."""
+    out, in_chain = [], False
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("chain "):
+            in_chain = True
+        elif s == "}":
+            in_chain = False
+        elif in_chain and s and not s.startswith(("#", "type ")):
+            out.append(s)
+    return out
+
+
+def many(n: int) -> list[PaidClient]:
+    return [PaidClient(f"02:55:00:00:{i // 256:02x}:{i % 256:02x}", ipv4=f"10.77.{100 + i // 200}.{i % 200 + 1}",
+                       ipv6=(f"fd77:1::{i + 0x100:x}",), quota_bytes=10**9, expires_at=5000.0) for i in range(n)]
+
+
+def test_atomic_replace_of_own_table_only():
+    text = render(CFG)
+    head = [line for line in text.splitlines() if line and not line.startswith("#")][:4]
+    assert head == ["table inet bitmesh {", "}", "delete table inet bitmesh", "table inet bitmesh {"]
+    statements = [line for line in text.splitlines() if not line.strip().startswith("#")]
+    assert not [line for line in statements if "fw4" in line or "flush" in line]
+    assert re.findall(r"^table ", text, re.M) == ["table ", "table "]
+    assert render_delete() == "table inet bitmesh {\n}\ndelete table inet bitmesh\n"
+
+
+def test_hooks_run_before_fw4():
+    text = render(CFG)
+    assert "type nat hook prerouting priority dstnat - 5;" in text
+    assert "type filter hook forward priority filter - 5;" in text
+    assert "type filter hook input priority filter - 5;" in text
+    assert 'iifname "br-guest" jump captive' in text
+
+
+def test_unpaid_policy():
+    r = rules(render(CFG))
+    assert "ether saddr . ip saddr != @paid4 tcp dport 80 dnat ip to 10.77.1.1:2050" in r
+    assert "ether saddr . ip6 saddr != @paid6 tcp dport 80 dnat ip6 to [fd77:1::1]:2050" in r
+    assert "meta l4proto { tcp, udp } th dport { 8333, 18333, 18444, 50001, 50002 } goto garden_up" in r
+    assert any("limit rate over 64 kbytes/second" in x for x in r)
+    assert "tcp dport 2050 accept" in r and "meta l4proto { tcp, udp } th dport 53 accept" in r
+    # lan_up, lan_down and lan_local all end in drop; the only established accepts are for the
+    # router itself and for walled-garden replies.
+    assert r.count("drop") >= 3
+    est = [x for x in r if "established" in x]
+    assert est == [
+        "ct state established,related accept",
+        "ct state established,related meta l4proto { tcp, udp } th sport { 8333, 18333, 18444, 50001, 50002 }"
+        " goto garden_down",
+        "ct state established,related ip saddr @garden4 goto garden_down",
+        "ct state established,related ip6 saddr @garden6 goto garden_down",
+    ]
+    assert "198.51.100.7/32" in render(CFG) and "203.0.113.0/24" in render(CFG)
+
+
+def test_counting_comes_before_any_accept_of_forwarded_traffic():
+    r = rules(render(CFG))
+    up = r[r.index("quota name ether saddr . ip saddr map @quota_up4 drop"):]
+    assert up[:4] == [
+        "quota name ether saddr . ip saddr map @quota_up4 drop",
+        "quota name ether saddr . ip6 saddr map @quota_up6 drop",
+        "ether saddr . ip saddr @paid4 accept",
+        "ether saddr . ip6 saddr @paid6 accept",
+    ]
+    down = r[r.index("quota name ip daddr map @quota_down4 drop"):]
+    assert down[:4] == [
+        "quota name ip daddr map @quota_down4 drop",
+        "quota name ip6 daddr map @quota_down6 drop",
+        "ip daddr @down4 accept",
+        "ip6 daddr @down6 accept",
+    ]
+    # Positive lookups of the counting sets happen once per packet (a lookup bumps counters).
+    assert sum(1 for x in r if re.search(r"(?<!!= )@(paid|down)[46]\b", x)) == 4
+
+
+def test_client_elements_carry_usage_and_time():
+    c = PaidClient(MAC.upper(), ipv4="10.77.1.11", ipv6=("FD77:1:0::b",), quota_bytes=5000, expires_at=130.25,
+                   used_up=100, used_down=2000)
+    text = render(CFG, [c], now=100.0)
+    assert "quota q_027700000001 {\n\t\tover 5000 bytes used 2100 bytes\n\t}" in text
+    assert "02:77:00:00:00:01 . 10.77.1.11 counter packets 0 bytes 100 timeout 30250ms" in text
+    assert "02:77:00:00:00:01 . fd77:1::b counter packets 0 bytes 0 timeout 30250ms" in text
+    assert "10.77.1.11 counter packets 0 bytes 2000 timeout 30250ms" in text
+    for m in ('02:77:00:00:00:01 . 10.77.1.11 : "q_027700000001"', '10.77.1.11 : "q_027700000001"',
+              '02:77:00:00:00:01 . fd77:1::b : "q_027700000001"', 'fd77:1::b : "q_027700000001"'):
+        assert m in text
+    # No byte tariff: no quota object; no time tariff: no timeout; expired: no access at all.
+    plain = render(CFG, [PaidClient(MAC, ipv4="10.77.1.11")], now=100.0)
+    assert "quota q_" not in plain and not re.search(r"timeout \d+ms", plain)
+    gone = render(CFG, [PaidClient(MAC, ipv4="10.77.1.11", expires_at=99.0)], now=100.0)
+    assert "10.77.1.11" not in gone
+
+
+def test_scale_is_sets_not_rules():
+    assert rules(render(CFG, many(250), now=0.0)) == rules(render(CFG, [], now=0.0))
+
+
+@pytest.mark.parametrize(
+    "client",
+    [
+        PaidClient("02:77:00:00:00", ipv4="10.77.1.11"),
+        PaidClient(MAC, ipv4="10.77.1.300"),
+        PaidClient(MAC, ipv4="fd77::1"),
+        PaidClient(MAC),
+        PaidClient(MAC, ipv4="10.77.1.11", used_up=-1),
+    ],
+)
+def test_bad_clients_are_refused(client):
+    with pytest.raises(ClientAddressError) as e:
+        render(CFG, [client])
+    assert isinstance(e.value, BitMeshError) and e.value.code == "firewall_bad_client"
+
+
+def test_an_address_cannot_belong_to_two_clients():
+    with pytest.raises(ClientAddressError):
+        render(CFG, [PaidClient(MAC, ipv4="10.77.1.11"), PaidClient("02:77:00:00:00:02", ipv4="10.77.1.11")])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"lan_interface": "br-lan; flush ruleset"}, {"router_ipv4": "10.77.1"}, {"router_ipv4": None, "router_ipv6": None},
+     {"portal_port": 0}, {"garden_hosts4": ("fd77::/64",)}, {"garden_rate_kbytes": 0}],
+)
+def test_bad_config_is_refused(change):
+    from dataclasses import replace
+
+    with pytest.raises(ConfigError) as e:
+        render(replace(CFG, **change))
+    assert e.value.code == "config_invalid"
+
+
+# -- Gate against a fake nft: what it sends, what it reads ------------------------------------
+
+
+class FakeNft:
+    def __init__(self, listing: list[dict] | None = None):
+        self.loads: list[str] = []
+        self.listing = listing or []
+
+    def load(self, text: str) -> None:
+        self.loads.append(text)
+
+    def list_json(self, *what: str) -> list[dict]:
+        return self.listing
+
+    def table_exists(self, family: str, name: str) -> bool:
+        return True
+
+
+def listing(up: int, down: int, used: int, limit: int) -> list[dict]:
+    # The shape `nft -j list table inet bitmesh` has in nft 1.0.6.
+    return [
+        {"quota": {"family": "inet", "name": quota_name(MAC), "table": "bitmesh", "bytes": limit, "used": used,
+                   "inv": True}},
+        {"set": {"name": "paid4", "elem": [{"elem": {"val": {"concat": [MAC, "10.77.1.11"]},
+                                                      "counter": {"packets": 9, "bytes": up}}}]}},
+        {"set": {"name": "down4", "elem": [{"elem": {"val": "10.77.1.11", "counter": {"packets": 9, "bytes": down}}}]}},
+        {"map": {"name": "quota_up4", "map": "quota", "elem": [[{"concat": [MAC, "10.77.1.11"]}, quota_name(MAC)]]}},
+        {"map": {"name": "quota_down4", "map": "quota", "elem": [["10.77.1.11", quota_name(MAC)]]}},
+    ]
+
+
+def test_parse_state():
+    st = parse_state(listing(10, 20, 30, 40))
+    assert st.up == {(MAC, "10.77.1.11"): 10} and st.down == {"10.77.1.11": 20}
+    assert st.quotas == {quota_name(MAC): (40, 30)}
+    assert st.maps == {"quota_up4": {(MAC, "10.77.1.11")}, "quota_down4": {"10.77.1.11"}}
+
+
+def test_update_quota_carries_counted_bytes_in_one_batch():
+    nft = FakeNft()
+    g = Gate(CFG, nft, clock=lambda: 100.0)
+    g.start([PaidClient(MAC, ipv4="10.77.1.11", quota_bytes=1000, used_up=50, used_down=60)])
+    assert "over 1000 bytes used 110 bytes" in nft.loads[-1]
+    nft.listing = listing(up=300, down=700, used=1400, limit=1000)  # over quota: drops were counted too
+    assert g.usage()[MAC].exhausted
+    g.update_quota(MAC, quota_bytes=5000)
+    batch = nft.loads[-1]
+    # Map entries go before the quota they reference; counted (accepted) bytes are the new `used`.
+    assert batch.splitlines() == [
+        f"delete element inet bitmesh quota_up4 {{ {MAC} . 10.77.1.11 }}",
+        "delete element inet bitmesh quota_down4 { 10.77.1.11 }",
+        f"delete quota inet bitmesh {quota_name(MAC)}",
+        f"add quota inet bitmesh {quota_name(MAC)} {{ over 5000 bytes used 1000 bytes; }}",
+        f'add element inet bitmesh quota_up4 {{ {MAC} . 10.77.1.11 : "{quota_name(MAC)}" }}',
+        f'add element inet bitmesh quota_down4 {{ 10.77.1.11 : "{quota_name(MAC)}" }}',
+    ]
+    # A new expiry replaces the counting elements too, with their counters carried.
+    g.update_quota(MAC, expires_at=160.0)
+    batch = nft.loads[-1]
+    assert f"paid4 {{ {MAC} . 10.77.1.11 counter packets 0 bytes 300 timeout 60000ms }}" in batch
+    assert "add element inet bitmesh down4 { 10.77.1.11 counter packets 0 bytes 700 timeout 60000ms }" in batch
+    assert batch.index("delete element inet bitmesh paid4") < batch.index("add element inet bitmesh paid4")
+
+
+def test_usage_survives_expired_elements_and_revoke_deletes_only_what_exists():
+    nft = FakeNft()
+    g = Gate(CFG, nft, clock=lambda: 100.0)
+    g.start([PaidClient(MAC, ipv4="10.77.1.11", expires_at=150.0)])
+    nft.listing = listing(up=10, down=20, used=0, limit=0)[1:3]
+    assert g.usage()[MAC].total == 30 and not g.usage()[MAC].expired
+    nft.listing = []  # the elements timed out and were garbage-collected
+    u = g.usage()[MAC]
+    assert u.expired and (u.bytes_up, u.bytes_down) == (10, 20)
+    final = g.revoke(MAC)
+    assert final == u and nft.loads[-1].strip() == ""
+    assert g.revoke(MAC) is None
+    with pytest.raises(UnknownClient):
+        g.update_quota(MAC, quota_bytes=1)
+
+
+def test_allow_refuses_an_address_of_another_client():
+    g = Gate(CFG, FakeNft(), clock=lambda: 0.0)
+    g.start([PaidClient(MAC, ipv4="10.77.1.11")])
+    with pytest.raises(ClientAddressError):
+        g.allow(PaidClient("02:77:00:00:00:02", ipv4="10.77.1.11"))
+
+
+# -- the kernel's own parser and validator -----------------------------------------------------
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft")
+def test_nft_accepts_the_rendered_table():
+    from bitmesh.firewall import Nft
+
+    ns = f"bmchk-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        nft = Nft(["ip", "netns", "exec", ns, "nft"])
+        for text in (render(CFG), render(CFG, many(250), now=0.0), render_delete()):
+            nft.check(text)
+        with pytest.raises(FirewallError) as e:
+            nft.check(render(CFG).replace("dnat ip to", "dnat ipx to"))
+        assert e.value.code == "firewall_failed"
+        nft.load(render(CFG, many(250), now=0.0))
+        objs = nft.list_json("table", "inet", "bitmesh")
+        assert len(parse_state(objs).up) == 500
+        assert json.dumps(objs).count('"quota": {"family"') == 250
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=True)
