@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from bitmesh.errors import BitMeshError
 
@@ -21,8 +22,11 @@ def _serve(args: argparse.Namespace) -> int:
     from bitmesh.service import build_service
 
     settings = load_settings(args.config)
-    host, port = args.listen or ("127.0.0.1", settings.portal_port)
-    service = build_service(settings, host, port, watch_interval=args.watch_interval)
+    if not settings.enabled:
+        print("bitmesh: disabled (set bitmesh.main.enabled=1)", file=sys.stderr)
+        return 0
+    service = build_service(settings, listen=args.listen, watch_interval=args.watch_interval,
+                            firewall=not args.no_firewall, config_path=Path(args.config))
     service.run()
     return 0
 
@@ -33,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the hotspot service")
     serve.add_argument("--config", default="/etc/config/bitmesh", help="UCI config file")
-    serve.add_argument("--listen", type=_host_port, help="portal HOST:PORT (default: 127.0.0.1:portal_port)")
+    serve.add_argument("--listen", type=_host_port, action="append",
+                       help="portal HOST:PORT, repeatable (default: the LAN addresses, portal_port)")
+    serve.add_argument("--no-firewall", action="store_true",
+                       help="development only: serve the channel API without gating anybody")
     serve.add_argument("--watch-interval", type=float, default=30.0, help="seconds between chain checks")
     serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)

@@ -38,6 +38,7 @@ def _write_config(path: Path, node, state_dir: Path, port: int) -> None:
     path.write_text(f"""
 config bitmesh 'main'
 \toption enabled '1'
+\toption interface 'lo'
 \toption network 'regtest-bcoin'
 \toption payout_address '{key_address(new_key())}'
 \toption chain_backend 'core'
@@ -65,7 +66,7 @@ class ServiceProcess:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bitmesh.cli", "serve", "--config", str(self.config),
-             "--listen", f"127.0.0.1:{self.port}", "--watch-interval", "0.5"],
+             "--listen", f"127.0.0.1:{self.port}", "--watch-interval", "0.5", "--no-firewall"],
             cwd=REPO, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 20

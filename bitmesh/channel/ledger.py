@@ -106,7 +106,11 @@ class Ledger:
 
     def put_payment(self, channel: Channel) -> None:
         """Persist a new payment (amount and signature) of a channel: a small delta record."""
-        record = {"t": "pay", "id": channel.id, "paid": channel.paid, "sig": channel.payment_sig.hex()}
+        record = {
+            "t": "pay", "id": channel.id, "paid": channel.paid, "sig": channel.payment_sig.hex(),
+            # usage rides along for free: the record is written anyway
+            "a": channel.access_started_at, "b": channel.bytes_used, "s": channel.seconds_used,
+        }
         self._write(record, channel)
 
     def _write(self, record: dict, channel: Channel) -> None:
@@ -148,6 +152,10 @@ def _apply(channels: dict[str, Channel], record: dict) -> None:
         channels[channel.id] = channel
     elif kind == "pay":
         prev = channels[record["id"]]
-        channels[prev.id] = prev.evolve(paid=record["paid"], payment_sig=bytes.fromhex(record["sig"]))
+        channels[prev.id] = prev.evolve(
+            paid=record["paid"], payment_sig=bytes.fromhex(record["sig"]),
+            access_started_at=record.get("a", prev.access_started_at),
+            bytes_used=record.get("b", prev.bytes_used), seconds_used=record.get("s", prev.seconds_used),
+        )
     else:
         raise LedgerCorrupt(f"unknown record type {kind!r}")

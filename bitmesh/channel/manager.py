@@ -94,7 +94,9 @@ class ChannelManager:
                 log.exception("channel listener failed")
         return new
 
-    def open_channel(self, req: OpenRequest) -> Channel:
+    def open_channel(self, req: OpenRequest, client_mac: str = "", client_ip: str = "") -> Channel:
+        """New channel terms; the session is bound to the caller's MAC and IP (the portal
+        finds them), which is where access will be granted once it pays."""
         rules.check_deposit(self.policy, req.deposit)
         view = self.chain_view(refresh=True)
         with self._lock:
@@ -109,6 +111,10 @@ class ChannelManager:
                 expiry=view.tip_height + self.policy.expiry_blocks,
                 refund_script=req.refund_script,
                 created_at=int(self.clock()),
+                client_mac=client_mac,
+                client_ip=client_ip,
+                sat_per_mb=self.policy.sat_per_mb,
+                sat_per_minute=self.policy.sat_per_minute,
             )
             # The key index is on disk before the key is handed out: never reused after a crash.
             self._next_key_index = index + 1
@@ -149,7 +155,19 @@ class ChannelManager:
             channel = self.get(channel_id)
             view = self.chain_view()
             new = rules.accept_payment(channel, self.policy, payment, view.tip_height, view.mtp)
+            if not new.access_started_at:
+                new = new.evolve(access_started_at=int(self.clock()))  # the first payment opens access
             return self._commit(new, payment_only=True)
+
+    def note_usage(self, channel_id: str, bytes_used: int, seconds_used: int) -> Channel:
+        """The meter's latest reading, kept in memory (it reaches the journal with the next
+        payment or state change: no flash write per meter pass)."""
+        with self._lock:
+            channel = self.get(channel_id)
+            if (bytes_used, seconds_used) != (channel.bytes_used, channel.seconds_used):
+                channel = channel.evolve(bytes_used=bytes_used, seconds_used=seconds_used)
+                self._channels[channel_id] = channel
+            return channel
 
     def close(self, channel_id: str, reason: str = "client_close") -> Channel:
         """Settle now: sign, persist, broadcast. A broadcast failure leaves the settlement

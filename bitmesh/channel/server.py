@@ -34,6 +34,8 @@ class ChannelPolicy:
     zero_conf_max_sat: int = 50_000
     min_conf: int = 1
     prepay_step_sat: int = 1_000
+    sat_per_mb: int = 10
+    sat_per_minute: int = 0
 
 
 def _refuse(code: str, message: str, status: int = 409) -> ChannelError:

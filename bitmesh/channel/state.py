@@ -48,6 +48,15 @@ class Channel:
     settlement_txid: str | None = None
     settlement_raw: bytes = b""
     close_reason: str = ""
+    # The client's session: where access is granted, since when, and what it has used (as of
+    # the last payment or meter pass; the kernel's counters are the live truth).
+    sat_per_mb: int = 0  # the tariff offered when the channel opened: later price changes
+    sat_per_minute: int = 0  # apply to new channels only
+    client_mac: str = ""
+    client_ip: str = ""
+    access_started_at: int = 0
+    bytes_used: int = 0
+    seconds_used: int = 0
     updated_at: int = field(default=0, compare=False)
 
     @property

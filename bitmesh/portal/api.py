@@ -9,14 +9,21 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import bottle
 
 from bitmesh.channel import wire
 from bitmesh.channel.manager import ChannelManager
-from bitmesh.errors import BitMeshError, RequestError
+from bitmesh.channel.state import Channel
+from bitmesh.errors import BitMeshError, ChannelError, RequestError
+from bitmesh.meter import Meter
+from bitmesh.portal.neighbors import NeighborTable
 
 log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("static")
 
 
 def _json(status: int, payload: dict) -> bottle.HTTPResponse:
@@ -52,20 +59,57 @@ def api_route(handler: Callable[..., dict]) -> Callable[..., bottle.HTTPResponse
     return wrapper
 
 
-def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: str,
-                        offer_extra: Callable[[], dict] | None = None) -> None:
+@dataclass(frozen=True)
+class PortalInfo:
+    """What the splash page and the captive API tell clients about this hotspot."""
+
+    title: str = "BitMesh Wi-Fi"
+    text: str = ""
+    url: str | None = None  # the splash page's absolute URL; None = from the request's Host
+
+
+def _caller_ip() -> str:
+    addr = bottle.request.remote_addr or ""
+    return addr[7:] if addr.startswith("::ffff:") else addr  # IPv4-mapped on a dual-stack socket
+
+
+def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: str, meter: Meter,
+                        neighbors: NeighborTable, info: PortalInfo) -> None:
     network = manager.policy.network
+
+    def caller_channel() -> Channel | None:
+        """The caller's newest channel: same IP, and same MAC where the router can see it."""
+        ip = _caller_ip()
+        mac = neighbors.mac_of(ip)
+        mine = [ch for ch in manager.channels() if ch.client_ip == ip and (not mac or ch.client_mac == mac)]
+        live = [ch for ch in mine if not ch.phase.final]
+        return max(live or mine, key=lambda ch: ch.created_at, default=None)
+
+    def own_channel(channel_id: str) -> Channel:
+        """Closing cuts access: only the client the channel is bound to may do it."""
+        channel = manager.get(channel_id)
+        if channel.client_ip and channel.client_ip != _caller_ip():
+            raise ChannelError("this channel belongs to another client", code="not_your_channel", http_status=403)
+        return channel
 
     @app.get("/api/offer")
     @api_route
     def offer() -> dict:
-        return wire.offer_json(manager.policy, node_id, offer_extra() if offer_extra else None)
+        extra = {
+            "tariff": {"sat_per_mb": manager.policy.sat_per_mb, "sat_per_minute": manager.policy.sat_per_minute},
+            "portal_title": info.title,
+            "portal_text": info.text,
+            "tip_height": manager.chain_view().tip_height,
+        }
+        return wire.offer_json(manager.policy, node_id, extra)
 
     @app.post("/api/channels")
     @api_route
     def open_channel() -> dict:
         req = wire.parse_open(read_json_body(), network)
-        return wire.channel_json(manager.open_channel(req), network)
+        ip = _caller_ip()
+        channel = manager.open_channel(req, client_mac=neighbors.mac_of(ip), client_ip=ip)
+        return wire.channel_json(channel, network)
 
     @app.get("/api/channels/<channel_id>")
     @api_route
@@ -85,18 +129,91 @@ def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: st
         manager.get(channel_id)
         payment = wire.parse_payment(read_json_body())
         channel = manager.pay(channel_id, payment)
-        return {"channel_id": channel.id, "paid": channel.paid, "remaining": channel.deposit - channel.paid}
+        session = meter.session(channel)
+        return {"channel_id": channel.id, "paid": channel.paid, "remaining": channel.deposit - channel.paid,
+                "credit": channel.paid - session.owed, "bytes_remaining": session.bytes_remaining,
+                "seconds_remaining": session.seconds_remaining}
 
     @app.post("/api/channels/<channel_id>/close")
     @api_route
     def close(channel_id: str) -> dict:
+        own_channel(channel_id)
         return wire.channel_json(manager.close(channel_id), network)
 
+    @app.get("/api/session")
+    @api_route
+    def session() -> dict:
+        return meter.session(caller_channel()).to_json(manager.policy.prepay_step_sat)
 
-def make_app(manager: ChannelManager, node_id: str) -> bottle.Bottle:
+    # --- captive portal detection (RFC 8908 and the OS probes) ---------------------------
+
+    def portal_url() -> str:
+        return info.url or f"http://{bottle.request.urlparts.netloc}/"
+
+    def has_access() -> bool:
+        return meter.session(caller_channel()).state == "open"
+
+    @app.get("/api/captive")
+    def captive() -> bottle.HTTPResponse:
+        s = meter.session(caller_channel())
+        body = {"captive": s.state != "open", "user-portal-url": portal_url(), "can-extend-session": True}
+        if s.state == "open":
+            if s.seconds_remaining is not None:
+                body["seconds-remaining"] = s.seconds_remaining
+            if s.bytes_remaining is not None:
+                body["bytes-remaining"] = s.bytes_remaining
+        return bottle.HTTPResponse(json.dumps(body), 200, {"Content-Type": "application/captive+json",
+                                                            "Cache-Control": "private"})
+
+    online_answers = {  # path -> (status, content type, body) that each OS expects when online
+        "/generate_204": (204, "text/plain", ""),
+        "/gen_204": (204, "text/plain", ""),
+        "/hotspot-detect.html": (200, "text/html",
+                                 "<HTML><HEAD><TITLE>Success</TITLE></HEAD><BODY>Success</BODY></HTML>"),
+        "/library/test/success.html": (200, "text/html",
+                                       "<HTML><HEAD><TITLE>Success</TITLE></HEAD><BODY>Success</BODY></HTML>"),
+        "/connecttest.txt": (200, "text/plain", "Microsoft Connect Test"),
+        "/ncsi.txt": (200, "text/plain", "Microsoft NCSI"),
+        "/success.txt": (200, "text/plain", "success\n"),
+        "/canonical.html": (200, "text/html", '<meta http-equiv="refresh" '
+                            'content="0;url=https://support.mozilla.org/kb/captive-portal"/>'),
+    }
+
+    def probe(path: str) -> bottle.HTTPResponse:
+        if has_access():
+            status, ctype, body = online_answers[path]
+            return bottle.HTTPResponse(body, status, {"Content-Type": ctype, "Cache-Control": "no-store"})
+        return _to_portal()
+
+    def _to_portal() -> bottle.HTTPResponse:
+        return bottle.HTTPResponse("", 302, {"Location": portal_url(), "Cache-Control": "no-store"})
+
+    for path in online_answers:
+        app.route(path, ["GET", "HEAD"], lambda path=path: probe(path))
+
+    @app.get("/")
+    def splash():
+        return bottle.static_file("index.html", root=str(STATIC_DIR), headers={"Cache-Control": "no-store"})
+
+    @app.get("/static/<path:path>")
+    def static(path: str):
+        return bottle.static_file(path, root=str(STATIC_DIR))
+
+    # Any other URL: an unpaid client's HTTP to some outside host, redirected here by the
+    # firewall. Send it to the splash page (the probes above cover the OS checks).
+    @app.route("/<path:path>", ["GET", "HEAD"])
+    def elsewhere(path: str):
+        if bottle.request.path.startswith("/api/"):
+            return _json(404, {"error": {"code": "not_found", "message": "no such endpoint"}})
+        return _to_portal()
+
+
+def make_app(manager: ChannelManager, node_id: str, meter: Meter | None = None,
+             neighbors: NeighborTable | None = None, info: PortalInfo | None = None) -> bottle.Bottle:
     app = bottle.Bottle()
     app.config["catchall"] = False  # errors are answered by api_route, never as HTML
-    install_channel_api(app, manager, node_id)
+    install_channel_api(app, manager, node_id, meter or Meter(manager, gate=None), neighbors or NeighborTable(),
+                        info or PortalInfo())
 
     @app.error(404)
     def not_found(_err):
