@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="development only: serve the channel API without gating anybody")
     serve.add_argument("--watch-interval", type=float, default=30.0, help="seconds between chain checks")
     serve.set_defaults(func=_serve)
+    from bitmesh.paycli import add_parser as add_pay
+
+    add_pay(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

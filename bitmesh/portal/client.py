@@ -58,5 +58,9 @@ class PortalClient:
     def pay(self, channel_id: str, message: dict) -> dict:
         return self._call("POST", f"/api/channels/{channel_id}/payments", message)
 
+    def session(self) -> dict:
+        """The caller's own session, as the router meters it."""
+        return self._call("GET", "/api/session")
+
     def close(self, channel_id: str) -> dict:
         return self._call("POST", f"/api/channels/{channel_id}/close", {})

@@ -1,0 +1,115 @@
+"""`bitmesh pay`: the command-line payer for laptops, Pis and tests.
+
+Opens a channel with a portal, funds it from coins of a key you hold (the refund is signed
+and written to disk first), then keeps one prepay step ahead of what the router's meter says
+is owed until the time is up or the deposit is spent, and closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bitcoin.base58 import CBase58Data
+from bitcoin.wallet import CKey
+
+from bitmesh.chain import make_backend
+from bitmesh.chain.address import p2pkh_script, p2wpkh_script
+from bitmesh.channel import contract as c
+from bitmesh.channel.payer import Coin
+from bitmesh.errors import RequestError
+from bitmesh.paying import PayerSession
+from bitmesh.portal.client import PortalClient
+
+
+def parse_key(text: str) -> CKey:
+    """A private key as 64 hex digits or WIF (any network's version byte)."""
+    text = text.strip()
+    try:
+        if len(text) == 64:
+            return CKey(bytes.fromhex(text), compressed=True)
+        data = bytes(CBase58Data(text))
+    except Exception:
+        raise RequestError("--fund-key: not a hex or WIF private key", code="key_invalid") from None
+    if len(data) not in (32, 33):
+        raise RequestError("--fund-key: not a hex or WIF private key", code="key_invalid")
+    return CKey(data[:32], compressed=True)
+
+
+def parse_coin(text: str, key: CKey) -> Coin:
+    """TXID:VOUT:SATS[:p2pkh] (default P2WPKH of the funding key)."""
+    parts = text.split(":")
+    try:
+        txid, vout, value = parts[0], int(parts[1]), int(parts[2])
+        kind = parts[3] if len(parts) > 3 else "p2wpkh"
+        if len(txid) != 64 or kind not in ("p2wpkh", "p2pkh") or len(parts) > 4:
+            raise ValueError
+    except (IndexError, ValueError):
+        raise RequestError(f"--coin {text!r}: expected TXID:VOUT:SATS[:p2pkh]", code="field_invalid") from None
+    script = p2wpkh_script(key.pub) if kind == "p2wpkh" else p2pkh_script(key.pub)
+    return Coin(c.Outpoint(txid.lower(), vout), value, script, key)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_pay(args: argparse.Namespace) -> int:
+    portal = PortalClient(args.portal)
+    offer = portal.offer()
+    if args.chain_url:
+        tip = make_backend(args.chain_kind, args.chain_url).tip_height
+    else:
+        # No chain of our own: judge the expiry against the portal's tip (trusting it).
+        def tip() -> int:
+            return int(portal.offer()["tip_height"])
+    session = PayerSession(portal, tip, args.refund_address, feerate_sat_vb=args.feerate)
+    key = parse_key(args.fund_key)
+    coins = [parse_coin(text, key) for text in args.coin]
+    _say(f"offer: {offer['network']}, {offer.get('tariff')}, prepay step {offer['prepay_step_sat']} sat")
+    terms = session.open(args.deposit)
+    _say(f"channel {terms['channel_id']}: deposit {args.deposit} sat to {terms['funding_address']}, "
+         f"expiry {terms['expiry']}")
+    refund_file = Path(args.refund_file or f"refund-{terms['channel_id']}.hex")
+    funded = session.fund_from_coins(coins, p2wpkh_script(key.pub), refund_path=refund_file)
+    _say(f"funding {funded['funding']} ({funded['state']}); refund transaction saved to {refund_file}")
+    deadline = time.monotonic() + args.duration
+    step = session.prepay_step
+    while time.monotonic() < deadline:
+        s = portal.session() if args.session else None
+        owed = s["owed"] if s else 0
+        ch = session.channel
+        assert ch is not None
+        if ch.paid - owed < max(1, step // 2) and ch.paid < ch.deposit:
+            answer = session.pay_for(owed)
+            _say(f"paid {answer['paid']} sat (owed {owed}, used {s['bytes_used'] if s else 0} bytes / "
+                 f"{s['seconds_used'] if s else 0} s)")
+        elif ch.paid >= ch.deposit and owed >= ch.paid:
+            _say("deposit used up")
+            break
+        time.sleep(args.interval)
+    if args.no_close:
+        return 0
+    closed = session.close()
+    _say(f"closed: state {closed['state']}, settlement {closed['settlement_txid']}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    pay = sub.add_parser("pay", help="pay a BitMesh portal from the command line")
+    pay.add_argument("--portal", required=True, help="portal base URL, e.g. http://192.168.1.1:8088")
+    pay.add_argument("--deposit", type=int, required=True, help="channel deposit in satoshis")
+    pay.add_argument("--refund-address", required=True, help="where unused and refunded coins go")
+    pay.add_argument("--fund-key", required=True, help="private key (hex or WIF) holding the coins")
+    pay.add_argument("--coin", action="append", required=True, help="TXID:VOUT:SATS[:p2pkh] of that key")
+    pay.add_argument("--refund-file", help="where to keep the signed refund (default refund-<id>.hex)")
+    pay.add_argument("--chain-url", help="your own chain view, to check the expiry (default: the portal's)")
+    pay.add_argument("--chain-kind", choices=("core", "esplora"), default="esplora")
+    pay.add_argument("--feerate", type=float, default=2.0, help="sat/vB for funding and refund")
+    pay.add_argument("--duration", type=float, default=60.0, help="seconds to stay connected")
+    pay.add_argument("--interval", type=float, default=1.0, help="seconds between session checks")
+    pay.add_argument("--no-session", dest="session", action="store_false",
+                     help="do not ask the meter; pay one step at a time")
+    pay.add_argument("--no-close", action="store_true", help="leave the channel open")
+    pay.set_defaults(func=run_pay)

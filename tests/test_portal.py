@@ -1,0 +1,92 @@
+"""The portal's captive-portal surface: session, RFC 8908 API, OS probes, redirects, ownership."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import pytest
+
+from tests.support.hotspot import Hotspot
+
+pytestmark = pytest.mark.regtest
+
+PROBES = {
+    "/generate_204": (204, ""),
+    "/hotspot-detect.html": (200, "<HTML><HEAD><TITLE>Success</TITLE></HEAD><BODY>Success</BODY></HTML>"),
+    "/connecttest.txt": (200, "Microsoft Connect Test"),
+    "/ncsi.txt": (200, "Microsoft NCSI"),
+    "/success.txt": (200, "success\n"),
+}
+
+
+def _get(hotspot: Hotspot, path: str, host: str = "connectivitycheck.gstatic.com", source: str = "127.0.0.1"):
+    conn = http.client.HTTPConnection("127.0.0.1", hotspot.http.port, timeout=10, source_address=(source, 0))
+    conn.request("GET", path, headers={"Host": host})
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    conn.close()
+    return resp.status, dict(resp.getheaders()), body
+
+
+@pytest.mark.parametrize("path", sorted(PROBES))
+def test_os_probes_are_captive_until_paid_and_online_after(hotspot: Hotspot, path):
+    status, headers, _ = _get(hotspot, path)
+    assert status == 302 and headers["Location"] == "http://connectivitycheck.gstatic.com/"
+    payer = hotspot.funded_payer(40_000)
+    status, _, _ = _get(hotspot, path)
+    assert status == 302  # funded is not paid: nothing bought yet
+    payer.pay_exact(1_000)
+    assert _get(hotspot, path)[::2] == PROBES[path]
+
+
+def test_any_other_url_of_an_unpaid_client_goes_to_the_splash_page(hotspot: Hotspot):
+    status, headers, _ = _get(hotspot, "/some/page?q=1", host="example.com")
+    assert status == 302 and headers["Location"] == "http://example.com/"
+    status, headers, body = _get(hotspot, "/api/nothing-here")
+    assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+
+
+def test_captive_api_rfc8908(hotspot: Hotspot):
+    status, headers, body = _get(hotspot, "/api/captive", host=f"127.0.0.1:{hotspot.http.port}")
+    assert status == 200 and headers["Content-Type"] == "application/captive+json"
+    assert json.loads(body) == {"captive": True, "user-portal-url": f"http://127.0.0.1:{hotspot.http.port}/",
+                                "can-extend-session": True}
+    payer = hotspot.funded_payer(40_000)
+    payer.pay_exact(3_000)
+    captive = json.loads(_get(hotspot, "/api/captive")[2])
+    assert captive["captive"] is False
+    # policy price 10 sat/MB, nothing used yet: 3 000 sat buy 300 MB
+    assert captive["bytes-remaining"] == 300_000_000
+
+
+def test_session_follows_the_callers_channel(hotspot: Hotspot):
+    assert hotspot.portal.session()["state"] == "unpaid"
+    payer = hotspot.funded_payer(40_000)
+    assert hotspot.portal.session()["state"] == "unpaid"
+    payer.pay_exact(2_000)
+    session = hotspot.portal.session()
+    assert session["state"] == "open" and session["channel_id"] == payer.channel_id
+    assert (session["paid"], session["owed"], session["credit"], session["deposit"]) == (2_000, 0, 2_000, 40_000)
+    assert session["prepay_step_sat"] == hotspot.policy.prepay_step_sat
+    payer.close()
+    assert hotspot.portal.session()["state"] == "closed"
+
+
+def test_only_the_bound_client_may_close_its_channel(hotspot: Hotspot):
+    payer = hotspot.funded_payer(40_000)
+    payer.pay_exact(2_000)
+    conn = http.client.HTTPConnection("127.0.0.1", hotspot.http.port, timeout=10, source_address=("127.0.0.2", 0))
+    conn.request("POST", f"/api/channels/{payer.channel_id}/close", body=b"{}",
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 403 and json.loads(resp.read())["error"]["code"] == "not_your_channel"
+    assert hotspot.portal.channel(payer.channel_id)["state"] == "open"
+    assert payer.close()["state"] == "settling"
+
+
+def test_offer_carries_tariff_and_tip(hotspot: Hotspot):
+    offer = hotspot.portal.offer()
+    assert offer["tariff"] == {"sat_per_mb": 10, "sat_per_minute": 0}
+    assert offer["tip_height"] == hotspot.node.height()
+    assert offer["network"] == "regtest-bcoin" and offer["protocol"] == 1
