@@ -37,6 +37,9 @@ BITCOINLIB_SDIST = f"python-bitcoinlib-{BITCOINLIB_VERSION}.tar.gz"
 BITCOINLIB_SHA256 = "c65ab61427c77c38d397bfc431f71d86fd355b453a536496ec3fcb41bd10087d"
 
 # Files of the service package that may be shipped besides .py (portal pages, wallet JS, ...).
+# Build-time folders inside the package tree: the wallet's npm project (its output is vendored
+# into portal/static/vendor, which is shipped).
+DEV_ONLY_DIRS = ("portal/wallet/",)
 DATA_SUFFIXES = {".py", ".html", ".htm", ".js", ".mjs", ".css", ".svg", ".png", ".ico", ".txt", ".woff2", ".tpl"}
 # Never ship runtime state: an HD seed, keys, ledgers, databases.
 STATE_NAME_RE = re.compile(r"(seed|secret|private|\.key$|\.db$|\.sqlite|ledger\.(json|log|dat)|state\.json)", re.I)
@@ -252,7 +255,7 @@ in nftables and settles on-chain when the session ends.""",
     src = ROOT / "bitmesh"
     for f in _walk(src):
         rel = f.relative_to(src).as_posix()
-        if f.suffix not in DATA_SUFFIXES:
+        if f.suffix not in DATA_SUFFIXES or rel.startswith(DEV_ONLY_DIRS) or "/node_modules/" in f"/{rel}":
             continue
         if f.suffix != ".py" and STATE_NAME_RE.search(f.name):
             continue
