@@ -123,7 +123,8 @@ class Gate:
         """Load the whole table atomically (replacing any left over from a previous run) with
         every paid client the ledger knows, their used bytes carried into counters and quotas."""
         with self._lock:
-            cl = check_clients(clients)
+            leftover = self._read()
+            cl = [self._leftover_counts(c, leftover) for c in check_clients(clients)]
             self.nft.load(render(self.config, cl, self.clock()))
             self._clients = {c.mac: c for c in cl}
             self._seen = {c.mac: (c.used_up, c.used_down) for c in cl}
@@ -214,6 +215,14 @@ class Gate:
             if not self.nft.table_exists(FAMILY, TABLE):
                 return _State(up={}, down={}, maps={}, quotas={}, exists=False)
             raise
+
+    @staticmethod
+    def _leftover_counts(c: PaidClient, st: _State) -> PaidClient:
+        """A table left by a previous run (a crash and respawn, not a reboot) counted bytes the
+        caller's ledger has not seen yet: keep the kernel's figures when they are ahead."""
+        up = sum(st.up.get((c.mac, a), 0) for a in c.addresses)
+        down = sum(st.down.get(a, 0) for a in c.addresses)
+        return replace(c, used_up=up, used_down=down) if up + down > c.used else c
 
     def _observed(self, mac: str, st: _State) -> tuple[int, int]:
         """Bytes counted so far for a known client: the kernel's counters, or the last values
