@@ -1,0 +1,274 @@
+"""The splash page's in-browser wallet, driven in Debian's headless Chromium (Playwright) against a
+real channel portal backed by a real bcoin regtest node. Every transaction the page makes (refund,
+payments) is judged by the Python server and by the node.
+
+Never `playwright install`: the browser is /usr/bin/chromium (apt-get install chromium).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bitcoin.core import CTransaction
+from bitcoin.core.script import SIGHASH_ALL
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from bitmesh.chain.address import address_to_script, p2wpkh_script
+from bitmesh.chain.txutil import txid_of
+from bitmesh.channel import contract as c
+from bitmesh.errors import BroadcastRejected
+from tests.support.coins import NETWORK, Coin, new_key, sign_p2wpkh_spend
+from tests.support.hotspot import Hotspot, confirmed_tx, mine_to
+
+pytestmark = [pytest.mark.browser, pytest.mark.regtest]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PHONE = {"width": 390, "height": 844}
+OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert Path(CHROMIUM).exists(), "apt-get install -y chromium (tools/deps.sh does)"
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport=PHONE, device_scale_factor=2, is_mobile=True, has_touch=True,
+                                  accept_downloads=True)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    # an HTTP error the page handles (the router refusing something) is logged too: not a page error
+    pg.on("console", lambda m: errors.append(m.text)
+          if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
+    yield pg
+    context.close()
+    assert not errors, f"the page logged errors: {errors}"
+
+
+@pytest.fixture
+def metered_hotspot(bcoin, faucet, tmp_path: Path) -> Iterator[Hotspot]:
+    """A portal whose price runs fast (500 sat per second) so the meter's `owed` grows between two
+    polls of the page and the wallet must keep paying on its own."""
+    rig = Hotspot.start(bcoin, faucet, tmp_path / "state", sat_per_mb=10, sat_per_minute=30_000)
+    yield rig
+    rig.stop()
+
+
+def funding_for(hotspot: Hotspot, funding_script: bytes, deposit: int) -> CTransaction:
+    """What a phone's wallet would make: a segwit spend paying the deposit at vout 1, change at 0."""
+    key = new_key()
+    coin, _ = hotspot.faucet.pay(p2wpkh_script(key.pub), deposit + 10_000)
+    return sign_p2wpkh_spend(key, [coin], [(p2wpkh_script(key.pub), 7_000), (funding_script, deposit)])
+
+
+def open_channel(page: Page, hotspot: Hotspot, deposit: int) -> dict:
+    page.goto(hotspot.url + "/")
+    expect(page.locator("#step-open")).to_be_visible()
+    page.fill("#deposit", str(deposit))
+    page.click("#open-btn")
+    expect(page.locator("#step-fund")).to_be_visible()
+    channel_id = page.locator("#channel-id").inner_text().strip()
+    ch = hotspot.portal.channel(channel_id)
+    assert ch["state"] == "awaiting_funding" and ch["deposit"] == deposit
+    assert page.locator("#fund-address").inner_text() == ch["funding_address"]
+    assert page.locator("#bip21").get_attribute("href") == ch["bip21"]
+    assert page.locator("#qr svg path").count() == 1
+    return ch
+
+
+def download_refund(page: Page, channel_id: str) -> bytes:
+    expect(page.locator("#refund-link")).to_be_visible()
+    with page.expect_download() as dl:
+        page.click("#refund-link")
+    download = dl.value
+    assert download.suggested_filename == f"refund-{channel_id}.txt"
+    return bytes.fromhex(Path(download.path()).read_text().strip())
+
+
+def check_refund(raw: bytes, ch: dict, funding: c.Outpoint) -> CTransaction:
+    """The page's refund: protocol 3.2 exactly, signed by the channel's client key."""
+    tx = CTransaction.deserialize(raw)
+    assert tx.nVersion == 2 and tx.nLockTime == ch["expiry"]
+    assert len(tx.vin) == 1 and tx.vin[0].prevout == funding.to_core()
+    assert tx.vin[0].nSequence == c.CONTRACT_INPUT_SEQUENCE
+    assert len(tx.vout) == 1 and bytes(tx.vout[0].scriptPubKey).hex() == ch["refund_script"]
+    assert 0 < ch["deposit"] - tx.vout[0].nValue < 2_000
+    sig, empty, script = tx.wit.vtxinwit[0].scriptWitness.stack
+    assert empty == b"" and script.hex() == ch["witness_script"]
+    contract = c.Contract(bytes.fromhex(ch["server_pubkey"]), bytes.fromhex(ch["client_pubkey"]), ch["expiry"])
+    unsigned = CTransaction(tx.vin, tx.vout, tx.nLockTime, tx.nVersion)
+    der, hashtype = c.split_signature(sig)
+    assert hashtype == SIGHASH_ALL
+    c.check_signature(contract.client_pubkey, c.contract_sighash(unsigned, contract, ch["deposit"], SIGHASH_ALL), der)
+    return tx
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_splash_page_on_a_phone_shows_the_price_and_the_form(page: Page, hotspot: Hotspot):
+    page.goto(hotspot.url + "/")
+    expect(page.locator("#step-open")).to_be_visible()
+    expect(page.locator("#price-main")).to_contain_text("10")
+    expect(page.locator("#price-main")).to_contain_text("sat per MB")
+    assert page.locator("#title").inner_text() == "BitMesh Wi-Fi"  # the portal's title from the offer
+    assert page.locator("#deposit").get_attribute("min") == str(hotspot.policy.min_deposit_sat)
+    assert page.locator("#deposit").get_attribute("max") == str(hotspot.policy.max_deposit_sat)
+    refund_address = page.locator("#refund-address").input_value()
+    assert re.fullmatch(r"rb1q[02-9ac-hj-np-z]{38}", refund_address)
+    address_to_script(refund_address, NETWORK)
+    # the page fits a phone's width: nothing scrolls sideways
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "splash.png"), full_page=True)
+    # plain-words errors: an address of another network is refused before the router sees it
+    page.fill("#refund-address", "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4")
+    page.click("#open-btn")
+    expect(page.locator("#error")).to_contain_text("not a valid address on regtest-bcoin")
+    assert hotspot.manager.channels() == []
+    page.fill("#refund-address", refund_address)
+    page.fill("#deposit", str(hotspot.policy.max_deposit_sat + 1))
+    page.click("#open-btn")
+    expect(page.locator("#error")).to_contain_text("The deposit must be a whole number")
+    assert hotspot.manager.channels() == []
+
+
+def test_whole_splash_flow_pays_automatically_survives_a_reload_and_settles_exactly(
+        page: Page, metered_hotspot: Hotspot):
+    hotspot = metered_hotspot
+    deposit = 100_000
+    page.goto(hotspot.url + "/")
+    refund_script = address_to_script(page.locator("#refund-address").input_value(), NETWORK)
+    ch = open_channel(page, hotspot, deposit)
+    channel_id = ch["channel_id"]
+    assert ch["refund_script"] == refund_script.hex()
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "splash-fund.png"), full_page=True)
+
+    funding_tx = funding_for(hotspot, bytes.fromhex(ch["funding_script"]), deposit)
+    funding = c.Outpoint(txid_of(funding_tx), 1)
+    expect(page.locator("#submit-funding")).to_be_disabled()
+    expect(page.locator("#refund-link")).to_be_hidden()
+    page.fill("#funding-tx", funding_tx.serialize().hex())
+    expect(page.locator("#funding-info")).to_contain_text(f"{funding.txid}:1")
+    refund = check_refund(download_refund(page, channel_id), ch, funding)
+    expect(page.locator("#submit-funding")).to_be_enabled()
+    assert hotspot.manager.get(channel_id).funding is None  # nothing left the page before the refund
+
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]  # long txids wrap
+    page.click("#submit-funding")
+    expect(page.locator("#step-session")).to_be_visible()
+    assert str(hotspot.manager.get(channel_id).funding) == str(funding)
+    # the refund spends the funding but is not final before the expiry
+    with pytest.raises(BroadcastRejected):
+        hotspot.chain.broadcast(refund.serialize())
+    assert "non-final" in (hotspot.node.reject_reason(txid_of(refund)) or "")
+
+    # the page pays by itself as the meter runs: at least two payments, each within owed + step
+    seen: list[int] = []
+
+    def paid_values():
+        paid = hotspot.manager.get(channel_id).paid
+        if paid and (not seen or seen[-1] != paid):
+            seen.append(paid)
+        return len(seen) >= 2
+
+    wait_for(paid_values, 20, "two automatic payments")
+    assert seen[0] == hotspot.policy.prepay_step_sat and seen[1] > seen[0]
+    expect(page.locator("#s-session")).not_to_have_text("—")
+    expect(page.locator("#s-channel")).to_have_text("open")
+    page.screenshot(path=str(OUTPUT / "splash-session.png"), full_page=True)
+
+    # a reload resumes the same channel from localStorage and keeps paying
+    before = hotspot.manager.get(channel_id).paid
+    page.reload()
+    expect(page.locator("#step-session")).to_be_visible()
+    stored = page.evaluate("JSON.parse(localStorage.getItem('bitmesh.wallet.v1'))")
+    assert stored["channelId"] == channel_id and stored["refund"]["hex"] == refund.serialize().hex()
+    wait_for(lambda: hotspot.manager.get(channel_id).paid > before, 20, "a payment after the reload")
+    assert len(hotspot.manager.channels()) == 1
+
+    page.click("#close-btn")
+    expect(page.locator("#settlement")).to_contain_text("Settled in transaction")
+    channel = hotspot.manager.get(channel_id)
+    assert channel.settlement_txid and channel.settlement_txid in page.locator("#settlement").inner_text()
+    expect(page.locator("#forget-btn")).to_be_visible()
+    paid, owed = channel.paid, channel.owed
+    assert owed is not None and 0 < owed <= paid < deposit
+
+    hotspot.mine(1)
+    tx = confirmed_tx(hotspot.node, channel.settlement_txid)
+    outs = [(o.nValue, bytes(o.scriptPubKey)) for o in tx.vout]
+    fee = deposit - sum(v for v, _ in outs)
+    unused = paid - owed
+    assert 0 < fee < 2_000
+    expected = [(deposit - paid, refund_script)]  # the change the page signed, exactly
+    if unused >= c.DUST_LIMIT_SAT:
+        expected += [(owed - fee, hotspot.payout_script), (unused, refund_script)]
+    else:
+        expected += [(paid - fee, hotspot.payout_script)]  # a dust remainder goes to the fee payer
+    assert outs == expected
+
+    page.click("#forget-btn")
+    expect(page.locator("#step-open")).to_be_visible()
+    archived = page.evaluate("JSON.parse(localStorage.getItem('bitmesh.archive.v1'))")
+    assert any(e.get("id") == channel_id and e.get("channelSecret") for e in archived)
+
+
+def test_refund_from_the_page_is_kept_across_a_reload_and_mined_after_expiry(page: Page, hotspot: Hotspot):
+    deposit = 60_000
+    ch = open_channel(page, hotspot, deposit)
+    channel_id = ch["channel_id"]
+    script = bytes.fromhex(ch["funding_script"])
+
+    # a funding the node refuses (its coin does not exist): the router's error is shown in words
+    key = new_key()
+    fake = sign_p2wpkh_spend(key, [Coin("ab" * 32, 0, deposit + 5_000, p2wpkh_script(key.pub))], [(script, deposit)])
+    page.fill("#funding-tx", fake.serialize().hex())
+    download_refund(page, channel_id)
+    page.click("#submit-funding")
+    expect(page.locator("#error")).to_contain_text("refused the funding transaction")
+    expect(page.locator("#step-fund")).to_be_visible()
+
+    funding_tx = funding_for(hotspot, script, deposit)
+    funding = c.Outpoint(txid_of(funding_tx), 1)
+    page.fill("#funding-tx", funding_tx.serialize().hex())
+    refund_raw = download_refund(page, channel_id)
+    page.reload()  # the pasted funding and its refund survive a reload
+    expect(page.locator("#step-fund")).to_be_visible()
+    assert download_refund(page, channel_id) == refund_raw
+    stored = page.evaluate("JSON.parse(localStorage.getItem('bitmesh.wallet.v1'))")
+    assert set(stored["refunds"]) == {txid_of(fake), funding.txid}
+    page.click("#submit-funding")
+    expect(page.locator("#step-session")).to_be_visible()
+    wait_for(lambda: hotspot.manager.get(channel_id).paid, 10, "the first payment")
+
+    refund = check_refund(refund_raw, ch, funding)
+    mine_to(hotspot, ch["expiry"] - 1)
+    with pytest.raises(BroadcastRejected):
+        hotspot.chain.broadcast(refund.serialize())
+    mine_to(hotspot, ch["expiry"])
+    txid = hotspot.chain.broadcast(refund.serialize())
+    hotspot.mine(1)
+    mined = confirmed_tx(hotspot.node, txid)
+    assert bytes(mined.vout[0].scriptPubKey).hex() == ch["refund_script"]
+    assert mined.vout[0].nValue == refund.vout[0].nValue
