@@ -18,6 +18,10 @@ bench: deps
 ipk: deps
 	$(PY) tools/ipk.py --out dist
 
+# demo: the whole hotspot in network namespaces (root): capture, pay, browse, cut-off, settlement
+demo: deps
+	$(PY) -m tools.demo
+
 lint: deps
 	$(PY) -m ruff check bitmesh tests bench tools
 

@@ -20,7 +20,7 @@ from bitmesh.channel import contract as c
 from bitmesh.channel.payer import Coin
 from bitmesh.errors import RequestError
 from bitmesh.paying import PayerSession
-from bitmesh.portal.client import PortalClient
+from bitmesh.portal.client import PortalClient, PortalError
 
 
 def parse_key(text: str) -> CKey:
@@ -76,24 +76,43 @@ def run_pay(args: argparse.Namespace) -> int:
     _say(f"funding {funded['funding']} ({funded['state']}); refund transaction saved to {refund_file}")
     deadline = time.monotonic() + args.duration
     step = session.prepay_step
+    ended = None
     while time.monotonic() < deadline:
-        s = portal.session() if args.session else None
-        owed = s["owed"] if s else 0
-        ch = session.channel
-        assert ch is not None
-        if ch.paid - owed < max(1, step // 2) and ch.paid < ch.deposit:
-            answer = session.pay_for(owed)
-            _say(f"paid {answer['paid']} sat (owed {owed}, used {s['bytes_used'] if s else 0} bytes / "
-                 f"{s['seconds_used'] if s else 0} s)")
-        elif ch.paid >= ch.deposit and owed >= ch.paid:
-            _say("deposit used up")
-            break
+        try:
+            if ended := _pay_round(session, portal, step, args.session):
+                break
+        except (OSError, PortalError) as e:
+            # The router restarting (procd respawns it) or a lost request: the channel and the
+            # kernel's grant survive it, so keep going; a refusal of the channel itself ends it.
+            if isinstance(e, PortalError) and e.http_status < 500:
+                raise
+            _say(f"portal unreachable ({e}); retrying")
         time.sleep(args.interval)
-    if args.no_close:
+    if args.no_close or ended == "closed":
         return 0
     closed = session.close()
     _say(f"closed: state {closed['state']}, settlement {closed['settlement_txid']}")
     return 0
+
+
+def _pay_round(session: PayerSession, portal: PortalClient, step: int, ask_meter: bool) -> str | None:
+    """One look at the meter and, when credit is below half a step, one payment. Says why
+    there is nothing left to do ("spent": deposit paid and used; "closed": by the router)."""
+    s = portal.session() if ask_meter else None
+    owed = s["owed"] if s else 0
+    ch = session.channel
+    assert ch is not None
+    if s and s["state"] == "closed":
+        _say(f"channel closed by the router ({s['channel_state']})")
+        return "closed"
+    if ch.paid - owed < max(1, step // 2) and ch.paid < ch.deposit:
+        answer = session.pay_for(owed)
+        _say(f"paid {answer['paid']} sat (owed {owed}, used {s['bytes_used'] if s else 0} bytes / "
+             f"{s['seconds_used'] if s else 0} s)")
+    elif ch.paid >= ch.deposit and (owed >= ch.paid or (s and s["state"] == "exhausted")):
+        _say("deposit used up")
+        return "spent"
+    return None
 
 
 def add_parser(sub) -> None:

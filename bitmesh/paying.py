@@ -16,7 +16,7 @@ from bitcoin.wallet import CKey
 from bitmesh.chain.address import address_to_script
 from bitmesh.channel import contract as c
 from bitmesh.channel.payer import Coin, PayerChannel, PayerLimits, build_funding, check_terms
-from bitmesh.portal.client import PortalClient
+from bitmesh.portal.client import PortalClient, PortalError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,18 @@ class PayerSession:
 
     def pay_exact(self, amount: int) -> dict:
         ch = self._open_channel()
-        answer = self.portal.pay(self.channel_id or "", ch.payment_message(amount))
+        try:
+            answer = self.portal.pay(self.channel_id or "", ch.payment_message(amount))
+        except PortalError as e:
+            if e.code != "payment_not_increasing":
+                raise
+            # An earlier payment was stored but its answer lost (router restart, timeout):
+            # the router holds our signature for that amount, so take its figure (protocol 5).
+            stored = int(self.portal.channel(self.channel_id or "")["paid"])
+            ch.acknowledged(stored)
+            if stored >= amount:
+                return {"channel_id": self.channel_id, "paid": stored, "remaining": ch.deposit - stored}
+            answer = self.portal.pay(self.channel_id or "", ch.payment_message(amount))
         ch.acknowledged(answer["paid"])
         return answer
 

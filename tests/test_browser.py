@@ -2,7 +2,8 @@
 real channel portal backed by a real bcoin regtest node. Every transaction the page makes (refund,
 payments) is judged by the Python server and by the node.
 
-Never `playwright install`: the browser is /usr/bin/chromium (apt-get install chromium).
+The same flow inside a client network namespace, behind the real firewall, is in
+tests/test_hotspot_netns.py.
 """
 
 from __future__ import annotations
@@ -21,37 +22,26 @@ from bitmesh.chain.address import address_to_script, p2wpkh_script
 from bitmesh.chain.txutil import txid_of
 from bitmesh.channel import contract as c
 from bitmesh.errors import BroadcastRejected
+from tests.support.browser import OUTPUT, PHONE, collect_errors, launch_chromium, phone_context_args
 from tests.support.coins import NETWORK, Coin, new_key, sign_p2wpkh_spend
 from tests.support.hotspot import Hotspot, confirmed_tx, mine_to
 
 pytestmark = [pytest.mark.browser, pytest.mark.regtest]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-PHONE = {"width": 390, "height": 844}
-OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
-
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    assert Path(CHROMIUM).exists(), "apt-get install -y chromium (tools/deps.sh does)"
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        b = launch_chromium(pw)
         yield b
         b.close()
 
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport=PHONE, device_scale_factor=2, is_mobile=True, has_touch=True,
-                                  accept_downloads=True)
+    context = browser.new_context(**phone_context_args())
     pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    # an HTTP error the page handles (the router refusing something) is logged too: not a page error
-    pg.on("console", lambda m: errors.append(m.text)
-          if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
+    errors = collect_errors(pg)
     yield pg
     context.close()
     assert not errors, f"the page logged errors: {errors}"

@@ -142,14 +142,12 @@ def test_binding_to_mac_and_ip(topo, gate):
     topo.call(c.ns, "udp_probe", "10.77.2.2", SINK, n=5, timeout=0.05)
     assert topo.read_counters(topo.upstream.ns, "packets")["sink_c1ip"] == 5
     topo.reset_counters(topo.upstream.ns)
-    try:
-        # A second device takes the paid IP with its own MAC: nothing of it gets through.
-        run_in(spoofer.ns, "ip", "addr", "flush", "dev", spoofer.ifname)
-        run_in(spoofer.ns, "ip", "addr", "add", f"{c.ipv4}/24", "dev", spoofer.ifname)
-        run_in(spoofer.ns, "ip", "route", "add", "default", "via", topo.router.ipv4)
+    # A second device takes the paid IP with its own MAC: nothing of it gets through.
+    with topo.impersonating(spoofer, c.ipv4):
         topo.call(spoofer.ns, "udp_probe", "10.77.2.2", SINK, n=5, timeout=0.05)
         assert not topo.call(spoofer.ns, "tcp_connect", "10.77.2.2", 8080)["ok"]
         assert topo.read_counters(topo.upstream.ns, "packets")["sink_c1ip"] == 0
+    try:
         # The paid MAC with another IP: nothing either.
         run_in(c.ns, "ip", "addr", "add", "10.77.1.60/24", "dev", c.ifname)
         topo.call(c.ns, "udp_probe", "10.77.2.2", SINK, n=5, timeout=0.05, source="10.77.1.60")
@@ -157,11 +155,6 @@ def test_binding_to_mac_and_ip(topo, gate):
         assert topo.read_counters(topo.upstream.ns, "packets")["sink_alias"] == 0
     finally:
         run_in(c.ns, "ip", "addr", "del", "10.77.1.60/24", "dev", c.ifname, check=False)
-        run_in(spoofer.ns, "ip", "addr", "flush", "dev", spoofer.ifname)
-        run_in(spoofer.ns, "ip", "addr", "add", f"{spoofer.ipv4}/24", "dev", spoofer.ifname)
-        run_in(spoofer.ns, "ip", "-6", "addr", "add", f"{spoofer.ipv6}/64", "dev", spoofer.ifname, "nodad")
-        run_in(spoofer.ns, "ip", "route", "replace", "default", "via", topo.router.ipv4)
-        run_in(spoofer.ns, "ip", "-6", "route", "replace", "default", "via", topo.router.ipv6)
         run_in(topo.router.ns, "ip", "neigh", "flush", "dev", topo.LAN)
     # The real client is still fine afterwards.
     assert http(topo, c, "http://10.77.2.2:8080/")["body"] == "UPSTREAM"

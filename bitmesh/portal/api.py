@@ -191,9 +191,14 @@ def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: st
     for path in online_answers:
         app.route(path, ["GET", "HEAD"], lambda path=path: probe(path))
 
+    # The splash page is what every captured device asks for first, often all at once: it
+    # is answered from memory (it never changes while the service runs).
+    splash_page = (STATIC_DIR / "index.html").read_bytes()
+
     @app.get("/")
     def splash():
-        return bottle.static_file("index.html", root=str(STATIC_DIR), headers={"Cache-Control": "no-store"})
+        return bottle.HTTPResponse(splash_page, 200, {"Content-Type": "text/html; charset=UTF-8",
+                                                      "Cache-Control": "no-store"})
 
     @app.get("/static/<path:path>")
     def static(path: str):

@@ -23,7 +23,8 @@ class _ThreadingWSGIServer6(_ThreadingWSGIServer):
 
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - stdlib signature
-        log.debug("%s - %s", self.address_string(), format % args)
+        if log.isEnabledFor(logging.DEBUG):  # formatted only when it is shown
+            log.debug("%s - %s", self.address_string(), format % args)
 
 
 class HttpServer:

@@ -16,12 +16,17 @@ use real sockets in the client, and start servers (`http_server`, `udp_echo`) th
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 PYTHON = sys.executable or "python3"
@@ -98,16 +103,20 @@ def http_get(url, timeout=2.0):
     except Exception as e:
         return {"ok": False, "error": repr(e)}
 
-def download(url, idle=1.0):
-    # Bytes of body received until the transfer ends or stalls for `idle` seconds.
+def download(url, idle=1.0, rate=None):
+    # Bytes of body received until the transfer ends or stalls for `idle` seconds; `rate`
+    # (bytes/s) paces the reads, and TCP flow control paces the sender with them.
     n = 0
+    start = time.monotonic()
     try:
         with _opener().open(url, timeout=idle) as r:
             while True:
-                b = r.read(65536)
+                b = r.read(16384 if rate else 65536)
                 if not b:
                     break
                 n += len(b)
+                if rate:
+                    time.sleep(max(0.0, start + n / rate - time.monotonic()))
     except Exception as e:
         return {"bytes": n, "complete": False, "error": repr(e)}
     return {"bytes": n, "complete": True}
@@ -217,6 +226,7 @@ class Topology:
         ]
         self._procs: list[subprocess.Popen] = []
         self._made: list[str] = []
+        self._bridges: list[socket.socket] = []
 
     @property
     def namespaces(self) -> list[str]:
@@ -267,6 +277,11 @@ class Topology:
         _ip("-n", u.ns, "-6", "route", "add", "fd77:1::/64", "via", "fd77:2::1")
 
     def down(self) -> None:
+        for s in self._bridges:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # wakes the accept() of its relay thread
+            s.close()
+        self._bridges.clear()
         for p in self._procs:
             if p.poll() is None:
                 p.terminate()
@@ -369,6 +384,89 @@ class Topology:
 
     def reset_counters(self, ns: str) -> None:
         run_in(ns, "nft", "reset", "counters", "table", "inet", "probe")
+
+    # -- other devices ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def impersonating(self, spoofer: Host, ipv4: str) -> Iterator[None]:
+        """`spoofer` takes `ipv4` (a paid client's address) with its own MAC; afterwards it
+        gets its own addresses back and the router forgets what it learnt from it."""
+        try:
+            run_in(spoofer.ns, "ip", "addr", "flush", "dev", spoofer.ifname)
+            run_in(spoofer.ns, "ip", "addr", "add", f"{ipv4}/24", "dev", spoofer.ifname)
+            run_in(spoofer.ns, "ip", "route", "add", "default", "via", self.router.ipv4)
+            yield
+        finally:
+            run_in(spoofer.ns, "ip", "addr", "flush", "dev", spoofer.ifname)
+            run_in(spoofer.ns, "ip", "addr", "add", f"{spoofer.ipv4}/24", "dev", spoofer.ifname)
+            run_in(spoofer.ns, "ip", "-6", "addr", "add", f"{spoofer.ipv6}/64", "dev", spoofer.ifname, "nodad")
+            run_in(spoofer.ns, "ip", "route", "replace", "default", "via", self.router.ipv4)
+            run_in(spoofer.ns, "ip", "-6", "route", "replace", "default", "via", self.router.ipv6)
+            run_in(self.router.ns, "ip", "neigh", "flush", "dev", self.LAN)
+
+    def bridge_tcp(self, ns: str, port: int, target: tuple[str, int]) -> None:
+        """Serve 127.0.0.1:`port` inside `ns` by relaying to `target` as this process sees it
+        (its own network namespace): e.g. a service in the router namespace reaching a bcoin
+        node on this process's loopback. Ends with the topology."""
+        listener = listen_in_netns(ns, ("127.0.0.1", port))
+        self._bridges.append(listener)
+        threading.Thread(target=_relay_accept, args=(listener, target), daemon=True).start()
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def listen_in_netns(ns: str, addr: tuple[str, int]) -> socket.socket:
+    """A TCP socket listening on `addr` inside namespace `ns`, made without leaving this
+    process: the calling thread enters `ns` for the socket() call only (a socket stays in the
+    namespace it was created in)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(there, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {ns}")
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        finally:
+            if libc.setns(home, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+    finally:
+        os.close(there)
+        os.close(home)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(addr)
+    s.listen(64)
+    return s
+
+
+def _relay_accept(listener: socket.socket, target: tuple[str, int]) -> None:
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return  # closed by Topology.down()
+        try:
+            out = socket.create_connection(target, timeout=10)
+        except OSError:
+            conn.close()
+            continue
+        out.settimeout(None)
+        for a, b in ((conn, out), (out, conn)):
+            threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
 
 
 def _ip(*args: str) -> None:

@@ -1,0 +1,290 @@
+"""The whole hotspot in network namespaces: the real `bitmesh serve` in the router namespace of
+a `Topology`, reaching a bcoin regtest node through a loopback bridge, and real `bitmesh pay`
+payers in client namespaces. Used by tests/test_hotspot_netns.py, tools/demo.py and
+bench/portal.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bitcoin.core import CTransaction
+from bitcoin.wallet import CKey
+
+from bitmesh.chain.address import p2wpkh_script
+from tests.support.bcoin import BcoinNode
+from tests.support.coins import NETWORK, Faucet, key_address, new_key
+from tests.support.netns import Host, Topology
+
+REPO = Path(__file__).resolve().parents[2]
+PORTAL_PORT = 8088
+
+# Defaults of a test router; each test overrides the tariff it is about.
+ROUTER_OPTIONS = {
+    "enabled": 1,
+    "network": NETWORK,
+    "chain_backend": "core",
+    "core_rpc_user": "x",
+    "price_sat_per_mb": 1000,
+    "price_sat_per_minute": 0,
+    "prepay_step_sat": 500,
+    "min_deposit_sat": 2000,
+    "max_deposit_sat": 1_000_000,
+    "zero_conf_max_sat": 1_000_000,
+    "expiry_blocks": 40,
+    "settle_margin_blocks": 5,
+    "portal_port": PORTAL_PORT,
+}
+
+_PORTAL_CALL = """
+import json, sys
+from bitmesh.portal.client import PortalClient, PortalError
+try:
+    out = getattr(PortalClient(sys.argv[1], timeout=10), sys.argv[2])(*json.loads(sys.argv[3]))
+except PortalError as e:
+    out = {"error": {"code": e.code, "message": e.message}}
+print(json.dumps(out))
+"""
+
+_WAIT_HTTP = """
+import sys, time, urllib.request
+deadline = time.monotonic() + float(sys.argv[2])
+while True:
+    try:
+        urllib.request.build_opener(urllib.request.ProxyHandler({})).open(sys.argv[1], timeout=1).read()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("no answer from " + sys.argv[1])
+        time.sleep(0.05)
+"""
+
+
+READY_HEIGHT = 1400  # segwit (432) and CLTV (1351) active on bcoin regtest
+
+
+@contextlib.contextmanager
+def regtest(workdir: Path) -> Iterator[tuple[BcoinNode, Faucet]]:
+    """A bcoin regtest node of its own (for the demo and the bench) with a faucet, mined to
+    READY_HEIGHT; stopped on exit."""
+    node = BcoinNode(workdir).start()
+    try:
+        faucet = Faucet.mine(node)  # first, while coinbases still pay 50 BTC
+        node.mine(max(0, READY_HEIGHT - node.height()), key_address(new_key()))
+        yield node, faucet
+    finally:
+        node.stop()
+
+
+def uci_config(options: dict[str, object]) -> str:
+    lines = ["config bitmesh 'main'"]
+    lines += [f"\toption {name} '{value}'" for name, value in options.items()]
+    return "\n".join(lines) + "\n"
+
+
+def python_in(ns: str, code: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run Python `code` inside `ns`, with this repository importable (bitmesh, tests)."""
+    p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code, *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"python in {ns} failed: {p.stderr.strip()[-2000:]}")
+    return p
+
+
+def portal_call(ns: str, url: str, method: str, *args) -> dict:
+    """`PortalClient(url).method(*args)` made from inside `ns` (so the portal sees that client);
+    a refusal comes back as {"error": {...}}."""
+    return json.loads(python_in(ns, _PORTAL_CALL, url, method, json.dumps(args)).stdout)
+
+
+@dataclass
+class RouterService:
+    """`bitmesh serve` (firewall on) in the router namespace, as procd would run it."""
+
+    topo: Topology
+    node: BcoinNode
+    workdir: Path
+    options: dict[str, object] = field(default_factory=dict)
+    payout_address: str = field(default_factory=lambda: key_address(new_key()))
+    proc: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config = self.workdir / "bitmesh.uci"
+        self.log = self.workdir / "service.log"
+        self.config.write_text(uci_config({
+            **ROUTER_OPTIONS,
+            "interface": self.topo.LAN,
+            "core_rpc_url": f"http://127.0.0.1:{self.node.rpc_port}/",
+            "core_rpc_password": self.node.api_key,
+            "payout_address": self.payout_address,
+            "state_dir": self.workdir / "state",
+            **self.options,
+        }))
+
+    @property
+    def port(self) -> int:
+        return int(self.options.get("portal_port", PORTAL_PORT))
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.topo.router.ipv4}:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> RouterService:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.topo.router.ns, sys.executable, "-m", "bitmesh.cli", "serve",
+                 "--config", str(self.config), "--watch-interval", "1"],
+                cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            python_in(self.topo.router.ns, _WAIT_HTTP, f"{self.url}/api/offer", str(timeout), timeout=timeout + 5)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"service did not come up:\n{self.log.read_text()[-3000:]}") from None
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up at all (what a crash or the OOM killer does)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM removes the firewall table
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def funding_key(faucet: Faucet, sats: int) -> tuple[str, str]:
+    """A fresh key holding one coin of `sats` (unconfirmed): (key hex, "TXID:VOUT:SATS")."""
+    secret = secrets.token_bytes(32)
+    coin, _ = faucet.pay(p2wpkh_script(CKey(secret, compressed=True).pub), sats)
+    return secret.hex(), f"{coin.txid}:{coin.vout}:{coin.value}"
+
+
+class Payer:
+    """`bitmesh pay` running in a client namespace; its output lines are collected with the
+    time each was read."""
+
+    def __init__(self, topo: Topology, client: Host, service: RouterService, faucet: Faucet, deposit: int,
+                 workdir: Path, duration: float = 120.0, interval: float = 0.2):
+        self.deposit = deposit
+        self.refund_address = key_address(new_key())
+        key, coin = funding_key(faucet, deposit + 3_000)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.stderr = workdir / "payer.err"
+        with self.stderr.open("ab") as err:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", client.ns, sys.executable, "-m", "bitmesh.cli", "pay",
+                 "--portal", service.url, "--deposit", str(deposit), "--refund-address", self.refund_address,
+                 "--fund-key", key, "--coin", coin, "--refund-file", str(workdir / "refund.hex"),
+                 "--duration", str(duration), "--interval", str(interval)],
+                cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
+            )  # fmt: skip
+        self.lines: list[tuple[float, str]] = []
+        self._new = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._new:
+                self.lines.append((time.time(), line.rstrip("\n")))
+                self._new.notify_all()
+        with self._new:
+            self._new.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 30.0, after: int = 0) -> re.Match:
+        """The first output line (from index `after` on) matching `pattern`."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._new:
+            while True:
+                for _, line in self.lines[after:]:
+                    if m := rx.search(line):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reading()):
+                    raise AssertionError(f"payer never printed /{pattern}/; output: {self.output()}")
+                self._new.wait(min(left, 0.2))
+
+    def _reading(self) -> bool:
+        return self.proc.stdout is not None and not self.proc.stdout.closed and self.proc.poll() is None
+
+    @property
+    def channel_id(self) -> str:
+        return self.wait_for(r"^channel ([0-9a-f]{32}):").group(1)
+
+    def payments(self) -> list[int]:
+        return [int(m.group(1)) for _, line in self.lines if (m := re.match(r"paid (\d+) sat", line))]
+
+    def output(self) -> str:
+        err = self.stderr.read_text(errors="replace")[-2000:] if self.stderr.exists() else ""
+        return "\n".join(line for _, line in self.lines) + (f"\nstderr:\n{err}" if err else "")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+
+def settlement_outputs(node: BcoinNode, txid: str) -> tuple[CTransaction, int]:
+    """The confirmed settlement and its confirmations."""
+    raw = node.rpc("getrawtransaction", txid, 0)
+    info = node.rpc("getrawtransaction", txid, 1)
+    return CTransaction.deserialize(bytes.fromhex(raw)), int(info.get("confirmations") or 0)
+
+
+@dataclass(frozen=True)
+class Settlement:
+    txid: str
+    confirmations: int
+    change: int  # output 0: deposit - paid, as the client signed it
+    payout: int  # to the owner: owed - fee (plus an unused part too small to return)
+    unused: int  # paid but not used, back to the client
+    fee: int
+
+
+def read_settlement(node: BcoinNode, txid: str, deposit: int, refund_address: str,
+                    payout_address: str) -> Settlement:
+    """The settlement as the node has it, each output told apart by its script."""
+    from bitmesh.chain.address import address_to_script
+
+    tx, confirmations = settlement_outputs(node, txid)
+    refund = address_to_script(refund_address, NETWORK)
+    payout = address_to_script(payout_address, NETWORK)
+    outs = [(o.nValue, bytes(o.scriptPubKey)) for o in tx.vout]
+    assert all(script in (refund, payout) for _, script in outs), f"unknown output in {outs}"
+    change = outs[0][0] if outs and outs[0][1] == refund else 0
+    to_owner = sum(v for v, s in outs if s == payout)
+    unused = sum(v for v, s in outs if s == refund) - change
+    return Settlement(txid, confirmations, change, to_owner, unused, deposit - sum(v for v, _ in outs))
+
+
+def expected_split(deposit: int, paid: int, owed: int, fee: int, dust: int = 546) -> tuple[int, int, int]:
+    """(change, payout, unused) the protocol prescribes (docs/protocol.md 3.4) for a fee."""
+    unused = paid - owed
+    payout = owed - fee
+    if unused < dust:
+        payout, unused = payout + unused, 0
+    return deposit - paid, payout, unused
