@@ -26,7 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
         print("bitmesh: disabled (set bitmesh.main.enabled=1)", file=sys.stderr)
         return 0
     service = build_service(settings, listen=args.listen, watch_interval=args.watch_interval,
-                            firewall=not args.no_firewall, config_path=Path(args.config))
+                            firewall=not args.no_firewall, config_path=Path(args.config), ubus=not args.no_ubus)
     service.run()
     return 0
 
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="portal HOST:PORT, repeatable (default: the LAN addresses, portal_port)")
     serve.add_argument("--no-firewall", action="store_true",
                        help="development only: serve the channel API without gating anybody")
+    serve.add_argument("--no-ubus", action="store_true",
+                       help="do not register the `bitmesh` ubus object (no ubusd here)")
     serve.add_argument("--watch-interval", type=float, default=30.0, help="seconds between chain checks")
     serve.set_defaults(func=_serve)
     from bitmesh.paycli import add_parser as add_pay

@@ -25,6 +25,8 @@ from bitmesh.channel.ledger import Ledger
 from bitmesh.channel.manager import ChannelManager
 from bitmesh.channel.server import ChannelPolicy
 from bitmesh.config import Settings, load_settings
+from bitmesh.control import Control
+from bitmesh.errors import ConfigError
 from bitmesh.firewall.gate import Gate
 from bitmesh.firewall.nft import Nft
 from bitmesh.firewall.ruleset import FirewallConfig
@@ -32,6 +34,7 @@ from bitmesh.lan import Lan, resolve_lan
 from bitmesh.meter import Meter
 from bitmesh.portal.api import PortalInfo, make_app
 from bitmesh.portal.httpserver import HttpServer
+from bitmesh.ubus_object import UbusObject
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,8 @@ class Service:
     config_path: Path | None = None
     watch_interval: float = 30.0
     meter_interval: float = 2.0
+    ubus: bool = False  # register the `bitmesh` ubus object (OpenWrt: python3-ubus, ubusd)
+    _ubus_object: UbusObject | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _wake: threading.Event = field(default_factory=threading.Event)
 
@@ -113,10 +118,22 @@ class Service:
 
     def start(self) -> None:
         self.meter.restore()
+        if self.ubus:
+            self._start_ubus()
         threading.Thread(target=self._timer_loop, name="timer", daemon=True).start()
         for server in self.servers:
             server.start()
             log.info("portal listening on port %d", server.port)
+
+    def _start_ubus(self) -> None:
+        obj = UbusObject(Control(self))
+        try:
+            obj.start()
+        except (ImportError, OSError, RuntimeError) as e:
+            # No ubusd (a Debian box, a test): the portal and the gate work without it.
+            log.warning("ubus object not registered (%s); LuCI status and `ubus call bitmesh` unavailable", e)
+            return
+        self._ubus_object = obj
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
@@ -127,10 +144,13 @@ class Service:
         self._stop.wait()
         self.shutdown()
 
-    def reload(self) -> None:
+    def reload(self, strict: bool = False) -> None:
         """Re-read the config. Prices and terms apply to channels opened from now on; paid
-        clients keep their access and their counted bytes. A bad config keeps the old one."""
+        clients keep their access and their counted bytes. A bad config keeps the old one
+        (logged; with `strict`, also raised as ConfigError for the caller to show)."""
         if self.config_path is None:
+            if strict:
+                raise ConfigError("the service runs without a config file: nothing to reload")
             return
         try:
             settings = load_settings(self.config_path)
@@ -138,6 +158,10 @@ class Service:
             lan = resolve_lan(settings.interface) if self.meter.gate else None
         except Exception as e:
             log.error("reload refused, keeping the running config: %s", e)
+            if strict and isinstance(e, ConfigError):
+                raise
+            if strict:
+                raise ConfigError(str(e)) from e
             return
         self.manager.policy = policy
         self.settings = settings
@@ -151,6 +175,8 @@ class Service:
         self._wake.set()
 
     def shutdown(self) -> None:
+        if self._ubus_object is not None:
+            self._ubus_object.stop()
         for server in self.servers:
             server.stop()
         if self.meter.gate is not None:
@@ -160,7 +186,7 @@ class Service:
 
 def build_service(settings: Settings, listen: list[tuple[str, int]] | None = None, watch_interval: float = 30.0,
                   chain: ChainBackend | None = None, firewall: bool = True, config_path: Path | None = None,
-                  nft: Nft | None = None) -> Service:
+                  nft: Nft | None = None, ubus: bool = False) -> Service:
     """`listen` defaults to the LAN addresses only: the portal is never served to the WAN."""
     state_dir = Path(settings.state_dir)
     keychain = ChannelKeychain(load_or_create_seed(state_dir / "seed"))
@@ -177,4 +203,4 @@ def build_service(settings: Settings, listen: list[tuple[str, int]] | None = Non
     app = make_app(manager, node_id, meter, info=PortalInfo(settings.portal_title, settings.portal_text, url))
     servers = [HttpServer(app, host, port) for host, port in listen]
     return Service(settings, manager, meter, servers, lan=lan, config_path=config_path,
-                   watch_interval=watch_interval)
+                   watch_interval=watch_interval, ubus=ubus)

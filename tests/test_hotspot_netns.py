@@ -7,6 +7,7 @@ by nft counters at the endpoints (client and upstream namespaces), independently
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -17,7 +18,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from bitmesh.chain.address import address_to_script, p2wpkh_script
 from tests.support.browser import OUTPUT, collect_errors, launch_chromium, phone_context_args
-from tests.support.coins import NETWORK, new_key, sign_p2wpkh_spend
+from tests.support.coins import NETWORK, key_address, new_key, sign_p2wpkh_spend
 from tests.support.netns import Topology, run_in
 from tests.support.router import Payer, RouterService, expected_split, portal_call, read_settlement
 from tools.demo import run_story
@@ -54,8 +55,8 @@ def router(topo, bcoin, tmp_path):
     """`router(**uci_options)` starts the service; it is stopped (table removed) afterwards."""
     started: list[RouterService] = []
 
-    def start(**options) -> RouterService:
-        service = RouterService(topo, bcoin, tmp_path / "router", options).start()
+    def start(with_ubus: bool = False, **options) -> RouterService:
+        service = RouterService(topo, bcoin, tmp_path / "router", options, with_ubus=with_ubus).start()
         started.append(service)
         return service
 
@@ -318,3 +319,80 @@ def wait_until(value, timeout: float, what: str):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
     return v
+
+
+def test_owner_controls_the_hotspot_over_ubus(topo, router, pay, bcoin):
+    """The ubus object of the running service (ubusd replaced by tests/support/fake_ubus):
+    status, clients, channels, reload, kick, close_channel, earnings and the bitmesh.* events."""
+    c, other = topo.clients[0], topo.clients[1]
+    service = router(with_ubus=True)
+    status = service.ubus_call("status")
+    assert status["running"] and status["firewall"] and status["interface"] == topo.LAN
+    assert status["chain"]["ok"] and status["chain"]["tip_height"] == bcoin.height()
+    assert status["clients_online"] == 0 and status["price_sat_per_mb"] == 1000
+    assert status["portal_url"] == f"{service.url}/"
+    assert bcoin.api_key not in json.dumps(status)  # the RPC password is never shown
+    assert service.ubus_call("clients") == {"clients": []}
+
+    payer = pay(service, 30_000)
+    payer.wait_for(r"^paid \d+ sat")
+    (row,) = service.ubus_call("clients")["clients"]
+    assert (row["mac"], row["ip"], row["state"], row["channel_id"]) == (c.mac, c.ipv4, "open", payer.channel_id)
+    assert row["paid"] >= 500 and row["credit"] == row["paid"] - row["owed"]
+    assert service.ubus_call("status")["clients_online"] == 1
+    assert [ch["state"] for ch in service.ubus_call("channels")["channels"]] == ["open"]
+    assert ("bitmesh.session.start", {"channel_id": payer.channel_id, "mac": c.mac, "ip": c.ipv4,
+                                      "deposit": 30_000}) in service.ubus_events()
+
+    # LuCI's Save & Apply: new prices for new channels, the paid client stays online.
+    text = service.config.read_text()
+    service.config.write_text(text.replace("option price_sat_per_mb '1000'", "option price_sat_per_mb '2000'"))
+    assert service.ubus_call("reload") == {"reloaded": True}
+    assert service.ubus_call("status")["price_sat_per_mb"] == 2000
+    assert http(topo, c, f"{UP}:8080/")["body"] == "UPSTREAM"
+    service.config.write_text(text.replace(service.payout_address, "nonsense"))
+    refused = service.ubus_call("reload")
+    assert refused["error"]["code"] == "config_invalid" and "payout_address" in refused["error"]["message"]
+    assert service.ubus_call("status")["price_sat_per_mb"] == 2000  # the running config stays
+
+    # Bad requests change nothing.
+    assert service.ubus_call("kick", mac="not-a-mac")["error"]["code"] == "firewall_bad_client"
+    assert service.ubus_call("kick")["error"]["code"] == "bad_request"
+    assert service.ubus_call("kick", mac=other.mac)["error"]["code"] == "client_unknown"
+    assert service.ubus_call("close_channel", channel_id="00" * 16)["error"]["code"] == "channel_unknown"
+    assert http(topo, c, f"{UP}:8080/")["body"] == "UPSTREAM"
+
+    # Kick: cut off now, settled for what was used.
+    assert topo.call(c.ns, "download", f"{UP}:8080/bytes/1000000", idle=5, rate=2_000_000)["complete"]
+    kicked = service.ubus_call("kick", mac=c.mac.upper())
+    assert kicked == {"kicked": [payer.channel_id]}
+    assert not http(topo, c, f"{UP}:8080/", timeout=1)["ok"]
+    payer.wait_for(r"channel closed by the router", timeout=10)
+    (ch,) = service.ubus_call("channels")["channels"]
+    assert ch["state"] == "settling" and ch["close_reason"] == "owner_kick" and ch["settlement_txid"]
+    names = [name for name, _ in service.ubus_events()]
+    assert names == ["bitmesh.session.start", "bitmesh.session.stop", "bitmesh.settlement"]
+
+    # close_channel: the owner settles a second session of the same client.
+    second = pay(service, 20_000)
+    second.wait_for(r"^paid \d+ sat")
+    assert topo.call(c.ns, "download", f"{UP}:8080/bytes/500000", idle=5, rate=2_000_000)["complete"]
+    closed = service.ubus_call("close_channel", channel_id=second.channel_id)
+    assert closed["state"] == "settling" and closed["settlement_txid"]
+    assert not http(topo, c, f"{UP}:8080/", timeout=1)["ok"]
+    earnings = service.ubus_call("earnings")
+    assert earnings["settling_channels"] == 2 and earnings["settled_sat"] == 0
+
+    bcoin.mine(1, key_address(new_key()))
+    settled = {ch["settlement_txid"]: ch for ch in service.ubus_call("channels")["channels"]}
+    payouts = {}
+    for txid, channel in settled.items():
+        deposit = channel["deposit"]
+        refund = payer.refund_address if channel["channel_id"] == payer.channel_id else second.refund_address
+        payouts[txid] = read_settlement(bcoin, txid, deposit, refund, service.payout_address).payout
+    deadline = time.monotonic() + 15
+    while (earnings := service.ubus_call("earnings"))["settled_channels"] < 2:
+        assert time.monotonic() < deadline, earnings
+        time.sleep(0.3)
+    assert earnings["settled_sat"] == sum(payouts.values()) > 0 and earnings["settling_sat"] == 0
+    assert {r["txid"]: r["payout_sat"] for r in earnings["recent"]} == payouts

@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -118,6 +119,7 @@ class RouterService:
     workdir: Path
     options: dict[str, object] = field(default_factory=dict)
     payout_address: str = field(default_factory=lambda: key_address(new_key()))
+    with_ubus: bool = False  # register the ubus object with tests/support/fake_ubus standing in for ubusd
     proc: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
@@ -143,18 +145,44 @@ class RouterService:
         return f"http://{self.topo.router.ipv4}:{self.port}"
 
     def start(self, timeout: float = 20.0) -> RouterService:
+        env = dict(os.environ)
+        argv = ["ip", "netns", "exec", self.topo.router.ns, sys.executable, "-m", "bitmesh.cli", "serve",
+                "--config", str(self.config), "--watch-interval", "1"]
+        if self.with_ubus:
+            self.ubus_dir.mkdir(exist_ok=True)
+            env.update(PYTHONPATH=str(REPO / "tests" / "support" / "fake_ubus"), FAKE_UBUS_DIR=str(self.ubus_dir))
+        else:
+            argv.append("--no-ubus")
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.topo.router.ns, sys.executable, "-m", "bitmesh.cli", "serve",
-                 "--config", str(self.config), "--watch-interval", "1"],
-                cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
         try:
             python_in(self.topo.router.ns, _WAIT_HTTP, f"{self.url}/api/offer", str(timeout), timeout=timeout + 5)
         except RuntimeError:
             self.stop()
             raise RuntimeError(f"service did not come up:\n{self.log.read_text()[-3000:]}") from None
         return self
+
+    @property
+    def ubus_dir(self) -> Path:
+        return self.workdir / "ubus"
+
+    def ubus_call(self, method: str, **args) -> dict:
+        """`ubus call bitmesh METHOD ARGS` through the fake ubusd (a Unix socket, reachable
+        from any namespace)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(str(self.ubus_dir / "ubus.sock"))
+            with s.makefile("rw") as f:
+                f.write(json.dumps({"object": "bitmesh", "method": method, "args": args}) + "\n")
+                f.flush()
+                return json.loads(f.readline())
+
+    def ubus_events(self) -> list[tuple[str, dict]]:
+        """What `ubus listen 'bitmesh.*'` would have printed so far."""
+        path = self.ubus_dir / "events.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [next(iter(json.loads(line).items())) for line in lines]
 
     def kill(self) -> None:
         """SIGKILL: no clean-up at all (what a crash or the OOM killer does)."""

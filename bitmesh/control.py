@@ -1,0 +1,214 @@
+"""The owner's control plane in plain Python: what `ubus call bitmesh ...` and LuCI show and do.
+
+Every method answers a JSON-able dict; a refusal raises BitMeshError (the ubus adapter turns
+it into `{"error": {"code", "message"}}`). Nothing here shows a secret: no seed, no key, no
+RPC password, no credentials inside a URL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+from bitcoin.core import CTransaction
+
+from bitmesh import __version__
+from bitmesh.channel.state import Channel, Phase
+from bitmesh.errors import BitMeshError, ChainError, RequestError
+from bitmesh.firewall.ruleset import normalize_mac
+
+if TYPE_CHECKING:
+    from bitmesh.service import Service
+
+log = logging.getLogger(__name__)
+
+RECENT_SETTLEMENTS = 20
+CHANNELS_LISTED = 200  # newest first; the journal keeps the rest
+
+
+def redact_url(url: str) -> str:
+    """The URL without user and password (an RPC URL may carry them)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def payout_of(channel: Channel) -> int:
+    """What the settlement pays the owner: every output not to the client's refund script."""
+    if not channel.settlement_raw:
+        return 0
+    tx = CTransaction.deserialize(channel.settlement_raw)
+    return sum(o.nValue for o in tx.vout if bytes(o.scriptPubKey) != channel.refund_script)
+
+
+def channel_summary(channel: Channel, owed: int | None) -> dict:
+    return {
+        "channel_id": channel.id,
+        "state": channel.phase.value,
+        "deposit": channel.deposit,
+        "paid": channel.paid,
+        "owed": owed,
+        "client_mac": channel.client_mac,
+        "client_ip": channel.client_ip,
+        "funding": str(channel.funding) if channel.funding else None,
+        "expiry": channel.expiry,
+        "settlement_txid": channel.settlement_txid,
+        "close_reason": channel.close_reason or None,
+        "created_at": channel.created_at,
+    }
+
+
+Event = tuple[str, dict]
+
+
+def events_for(new: Channel, old: Channel | None) -> list[Event]:
+    """The `bitmesh.*` events a channel change announces: a session starts when a channel
+    opens, stops when it leaves the open phase, and a settlement is announced once signed."""
+    events: list[Event] = []
+    was_open = old is not None and old.phase is Phase.OPEN
+    if new.phase is Phase.OPEN and not was_open:
+        events.append(("bitmesh.session.start", {"channel_id": new.id, "mac": new.client_mac, "ip": new.client_ip,
+                                                 "deposit": new.deposit}))
+    if was_open and new.phase is not Phase.OPEN:
+        events.append(("bitmesh.session.stop", {"channel_id": new.id, "mac": new.client_mac, "ip": new.client_ip,
+                                                "state": new.phase.value, "reason": new.close_reason,
+                                                "paid": new.paid, "bytes_used": new.bytes_used,
+                                                "seconds_used": new.seconds_used}))
+    if new.settlement_txid and (old is None or old.settlement_txid != new.settlement_txid):
+        events.append(("bitmesh.settlement", {"channel_id": new.id, "txid": new.settlement_txid,
+                                              "payout_sat": payout_of(new), "paid": new.paid}))
+    return events
+
+
+@dataclass
+class Control:
+    service: Service
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        s = self.service.settings
+        manager = self.service.manager
+        try:
+            tip: int | None = manager.chain_view().tip_height
+            chain_ok = True
+        except ChainError as e:
+            log.warning("status: chain backend unavailable: %s", e)
+            tip, chain_ok = None, False
+        url = s.esplora_url if s.chain_backend == "esplora" else s.core_rpc_url
+        open_channels = [ch for ch in manager.channels() if ch.phase is Phase.OPEN]
+        lan = self.service.lan
+        return {
+            "running": True,
+            "version": __version__,
+            "enabled": s.enabled,
+            "network": s.network,
+            "interface": lan.device if lan else None,
+            "portal_url": f"http://{lan.ipv4}:{s.portal_port}/" if lan and lan.ipv4 else None,
+            "firewall": self.service.meter.gate is not None,
+            "chain": {"backend": s.chain_backend, "url": redact_url(url), "ok": chain_ok, "tip_height": tip},
+            "clients_online": sum(1 for c in self._client_rows() if c["state"] == "open"),
+            "channels_open": len(open_channels),
+            "price_sat_per_mb": s.price_sat_per_mb,
+            "price_sat_per_minute": s.price_sat_per_minute,
+            "prepay_step_sat": s.prepay_step_sat,
+            "payout_address": s.payout_address,
+        }
+
+    def _client_rows(self) -> list[dict]:
+        meter = self.service.meter
+        step = self.service.manager.policy.prepay_step_sat
+        rows = []
+        for ch in self.service.manager.channels():
+            if ch.phase is not Phase.OPEN or not ch.paid:
+                continue
+            session = meter.session(ch).to_json(step)
+            rows.append({"mac": ch.client_mac, "ip": ch.client_ip, **{k: session[k] for k in (
+                "channel_id", "state", "bytes_used", "seconds_used", "paid", "owed", "credit", "deposit",
+                "bytes_remaining", "seconds_remaining")}})
+        return rows
+
+    def clients(self) -> dict:
+        return {"clients": self._client_rows()}
+
+    def _owed(self, channel: Channel) -> int | None:
+        if channel.phase is Phase.OPEN and channel.paid:
+            return self.service.meter.session(channel).owed
+        return channel.owed
+
+    def channels(self) -> dict:
+        newest = sorted(self.service.manager.channels(), key=lambda ch: ch.created_at, reverse=True)
+        return {"channels": [channel_summary(ch, self._owed(ch)) for ch in newest[:CHANNELS_LISTED]]}
+
+    def earnings(self) -> dict:
+        settled = settling = 0
+        n_settled = n_settling = n_open = 0
+        open_paid = open_owed = 0
+        recent = []
+        for ch in self.service.manager.channels():
+            if ch.phase is Phase.OPEN:
+                n_open += 1
+                open_paid += ch.paid
+                open_owed += self._owed(ch) or 0
+            elif ch.phase in (Phase.SETTLED, Phase.SETTLING) and ch.settlement_txid:
+                payout = payout_of(ch)
+                if ch.phase is Phase.SETTLED:
+                    settled, n_settled = settled + payout, n_settled + 1
+                else:
+                    settling, n_settling = settling + payout, n_settling + 1
+                recent.append({"channel_id": ch.id, "txid": ch.settlement_txid, "payout_sat": payout,
+                               "state": ch.phase.value, "updated_at": ch.updated_at})
+        recent.sort(key=lambda r: r["updated_at"], reverse=True)
+        return {
+            "settled_sat": settled, "settled_channels": n_settled,
+            "settling_sat": settling, "settling_channels": n_settling,
+            "open_paid_sat": open_paid, "open_owed_sat": open_owed, "open_channels": n_open,
+            "recent": recent[:RECENT_SETTLEMENTS],
+        }
+
+    # --- acting ----------------------------------------------------------------------------
+
+    def kick(self, mac: str) -> dict:
+        """Cut a client off now: its open channels are settled for what it used (the unused
+        part goes back to it) and the kernel forgets it."""
+        wanted = _mac_argument(mac)
+        manager = self.service.manager
+        kicked = []
+        for ch in manager.channels():
+            if ch.client_mac == wanted and ch.phase in (Phase.OPEN, Phase.FUNDING_UNCONFIRMED):
+                manager.close(ch.id, reason="owner_kick")
+                kicked.append(ch.id)
+        gate = self.service.meter.gate
+        if gate is not None and wanted in gate.clients():
+            gate.revoke(wanted)  # a grant with no open channel behind it (should not happen)
+        elif not kicked:
+            raise BitMeshError(f"no client {wanted} is online", code="client_unknown")
+        log.info("owner kicked %s (channels %s)", wanted, ", ".join(kicked) or "none")
+        return {"kicked": kicked}
+
+    def close_channel(self, channel_id: str) -> dict:
+        if not isinstance(channel_id, str) or not channel_id:
+            raise RequestError("channel_id: required")
+        ch = self.service.manager.close(channel_id, reason="owner_close")
+        return {"channel_id": ch.id, "state": ch.phase.value, "settlement_txid": ch.settlement_txid}
+
+    def reload(self) -> dict:
+        self.service.reload(strict=True)
+        return {"reloaded": True}
+
+
+def _mac_argument(mac: object) -> str:
+    if not isinstance(mac, str):
+        raise RequestError("mac: required")
+    return normalize_mac(mac)  # ClientAddressError for anything else
+
+
+ControlMethod = Callable[..., dict]
