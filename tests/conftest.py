@@ -9,20 +9,13 @@ import pytest
 
 from tests.support.bcoin import BcoinNode
 from tests.support.coins import Faucet, key_address, new_key
-
-# segwit activates at 432 and CLTV (BIP65) at 1351 on bcoin regtest
-REGTEST_READY_HEIGHT = 1400
+from tests.support.router import regtest
 
 
 @pytest.fixture(scope="session")
 def _regtest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BcoinNode, Faucet]]:
-    node = BcoinNode(tmp_path_factory.mktemp("bcoin")).start()
-    try:
-        faucet = Faucet.mine(node)  # first, while coinbases still pay 50 BTC
-        node.mine(max(0, REGTEST_READY_HEIGHT - node.height()), key_address(new_key()))
-        yield node, faucet
-    finally:
-        node.stop()
+    with regtest(tmp_path_factory.mktemp("bcoin")) as node_and_faucet:
+        yield node_and_faucet
 
 
 @pytest.fixture(scope="session")

@@ -78,7 +78,7 @@ READY_HEIGHT = 1400  # segwit (432) and CLTV (1351) active on bcoin regtest
 
 @contextlib.contextmanager
 def regtest(workdir: Path) -> Iterator[tuple[BcoinNode, Faucet]]:
-    """A bcoin regtest node of its own (for the demo and the bench) with a faucet, mined to
+    """A bcoin regtest node (the test session's, the demo's, the bench's) with a faucet, mined to
     READY_HEIGHT; stopped on exit."""
     node = BcoinNode(workdir).start()
     try:
