@@ -31,7 +31,7 @@ MTU_PACKET = 1500
 @pytest.fixture(scope="module")
 def topo():
     with Topology(n_clients=3, gso=False) as t:
-        t.http_server(t.upstream.ns, "UPSTREAM", [80, 8080, 8333])
+        t.http_server(t.upstream.ns, "UPSTREAM", [80, 8080, 8333, 50002])
         t.http_server(t.router.ns, "PORTAL", [PORTAL_PORT])
         t.udp_echo(t.upstream.ns, [53, 7])
         t.udp_echo(t.router.ns, [53])
@@ -113,6 +113,25 @@ def test_unpaid_client_is_captured(topo, gate):
     assert http(topo, c, "http://10.77.2.2:8333/")["body"] == "UPSTREAM"
     # Other services on the router are closed to LAN clients.
     assert topo.call(c.ns, "udp_probe", "10.77.1.1", 7)["replies"] == 0
+
+
+def test_walled_garden_ports_and_hosts_are_open_to_unpaid_clients_rate_limited(topo, config, gate):
+    c = topo.clients[0]
+    # Bitcoin P2P and Electrum ports anywhere, over IPv4 and IPv6, so a wallet can broadcast.
+    assert http(topo, c, "http://10.77.2.2:50002/")["body"] == "UPSTREAM"
+    assert http(topo, c, "http://[fd77:2::2]:8333/")["body"] == "UPSTREAM"
+    # ... at the garden's rate: 64 KiB/s after a 256 KiB burst, per client and direction.
+    got = topo.call(c.ns, "download", "http://10.77.2.2:8333/bytes/100000000", idle=2, seconds=2.0)
+    assert not got["complete"]
+    burst, rate = config.garden_burst_kbytes * 1024, config.garden_rate_kbytes * 1024
+    # slack: what TCP had in flight when the bucket emptied (unlimited, 2 s would be gigabytes)
+    assert 64 * 1024 < got["bytes"] <= burst + 2 * rate + 128 * 1024
+    # Configured hosts: any port, both families; everything else upstream stays closed.
+    gate.reload(replace(config, garden_hosts4=("10.77.2.2",), garden_hosts6=("fd77:2::2",)))
+    assert http(topo, c, "http://10.77.2.2:8080/")["body"] == "UPSTREAM"
+    assert http(topo, c, "http://[fd77:2::2]:8080/")["body"] == "UPSTREAM"
+    gate.reload(config)
+    assert not http(topo, c, "http://10.77.2.2:8080/", timeout=1)["ok"]
 
 
 def test_paid_client_reaches_upstream_and_is_counted(topo, gate):

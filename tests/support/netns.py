@@ -103,18 +103,21 @@ def http_get(url, timeout=2.0):
     except Exception as e:
         return {"ok": False, "error": repr(e)}
 
-def download(url, idle=1.0, rate=None):
+def download(url, idle=1.0, rate=None, seconds=None):
     # Bytes of body received until the transfer ends or stalls for `idle` seconds; `rate`
-    # (bytes/s) paces the reads, and TCP flow control paces the sender with them.
+    # (bytes/s) paces the reads, and TCP flow control paces the sender with them; `seconds`
+    # stops reading after that long (an unfinished download then says "complete": False).
     n = 0
     start = time.monotonic()
     try:
         with _opener().open(url, timeout=idle) as r:
             while True:
-                b = r.read(16384 if rate else 65536)
+                b = r.read(16384 if rate or seconds else 65536)
                 if not b:
                     break
                 n += len(b)
+                if seconds is not None and time.monotonic() - start >= seconds:
+                    return {"bytes": n, "complete": False, "error": "stopped after %s s" % seconds}
                 if rate:
                     time.sleep(max(0.0, start + n / rate - time.monotonic()))
     except Exception as e:
