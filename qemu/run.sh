@@ -101,9 +101,13 @@ check() {
 	fail "$what"
 }
 check "ubus call bitmesh status" guest 'ubus call bitmesh status'
+check "ubus object has every method" guest 'l=$(ubus -v list bitmesh); for m in status clients channels kick close_channel earnings reload; do echo "$l" | grep -q "\"$m\"" || exit 1; done'
 check "nft table inet bitmesh" guest 'nft list table inet bitmesh'
 check "portal answers" curl -fsS --max-time 10 "http://127.0.0.1:$PORTAL_PORT/api/offer"
 check "LuCI loads" sh -c "curl -sS --max-time 10 http://127.0.0.1:$HTTP_PORT/cgi-bin/luci/ | grep -qi luci"
+for view in status settings; do
+	check "LuCI view bitmesh/$view served" curl -fsS --max-time 10 -o /dev/null "http://127.0.0.1:$HTTP_PORT/luci-static/resources/view/bitmesh/$view.js"
+done
 check "LuCI menu and ACL installed" guest 'test -s /usr/share/luci/menu.d/luci-app-bitmesh.json -a -s /usr/share/rpcd/acl.d/luci-app-bitmesh.json'
 check "reload keeps the service (SIGHUP, same pid)" guest 'p=$(pidof python3); /etc/init.d/bitmesh reload; sleep 2; [ -n "$p" ] && [ "$(pidof python3)" = "$p" ]'
 log "not checked here: a reload keeping a *paid* client (needs a funded channel from inside the guest's LAN)"
