@@ -21,25 +21,28 @@ var ADDRESS_SHAPES = {
 
 var HOST = /^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$/;
 
-function sat(min) {
+// A whole number in [min, max]. A bound may be another option of the form, read as the owner
+// types ({option, fallback, offset}), so cross-field rules hold before anything is saved.
+function whole(min, max, message) {
 	return function(section_id, value) {
 		if (value == null || value === '')
 			return true;
-		if (!/^\d+$/.test(value) || +value < min)
-			return _('Enter a whole number of satoshis, at least %d').format(min);
+		var lo = bound(this, section_id, min), hi = bound(this, section_id, max);
+		if (!/^\d+$/.test(value) || +value < lo || (hi != null && +value > hi))
+			return (message || (hi != null ? _('Enter a whole number from %d to %d') : _('Enter a whole number, at least %d')))
+				.format(lo, hi);
 		return true;
 	};
 }
 
-function wholeNumber(min, max) {
-	return function(section_id, value) {
-		if (value == null || value === '')
-			return true;
-		if (!/^\d+$/.test(value) || +value < min || (max != null && +value > max))
-			return max != null ? _('Enter a whole number from %d to %d').format(min, max)
-				: _('Enter a whole number, at least %d').format(min);
-		return true;
-	};
+function bound(option, section_id, b) {
+	if (b == null || typeof b == 'number')
+		return b;
+	return +(other(option, section_id, b.option) || b.fallback) + (b.offset || 0);
+}
+
+function sat(min) {
+	return whole(min, null, _('Enter a whole number of satoshis, at least %d'));
 }
 
 function httpUrl(section_id, value) {
@@ -113,7 +116,7 @@ return view.extend({
 			var perMinute = other(this, section_id, 'price_sat_per_minute');
 			if (+(value || 0) <= 0 && +(perMinute || 0) <= 0)
 				return _('Set a price per MB or per minute');
-			return sat(0)(section_id, value);
+			return sat(0).call(this, section_id, value);
 		};
 
 		o = s.taboption('prices', form.Value, 'price_sat_per_minute', _('Price per minute (sat)'),
@@ -124,12 +127,8 @@ return view.extend({
 		o = s.taboption('prices', form.Value, 'prepay_step_sat', _('Prepay step (sat)'),
 			_('Credit a client pays ahead of use: the most an unpaid step can cost you. At most the minimum deposit.'));
 		o.datatype = 'uinteger';
-		o.validate = function(section_id, value) {
-			var minDeposit = +(other(this, section_id, 'min_deposit_sat') || 5000);
-			if (value != null && value !== '' && (!/^\d+$/.test(value) || +value < 1 || +value > minDeposit))
-				return _('Enter a whole number from 1 to the minimum deposit (%d)').format(minDeposit);
-			return true;
-		};
+		o.validate = whole(1, { option: 'min_deposit_sat', fallback: 5000 },
+			_('Enter a whole number from %d to the minimum deposit (%d)'));
 
 		// --- channels ---
 		o = s.taboption('channels', form.Value, 'min_deposit_sat', _('Minimum deposit (sat)'),
@@ -139,25 +138,16 @@ return view.extend({
 
 		o = s.taboption('channels', form.Value, 'max_deposit_sat', _('Maximum deposit (sat)'));
 		o.datatype = 'uinteger';
-		o.validate = function(section_id, value) {
-			var minDeposit = +(other(this, section_id, 'min_deposit_sat') || 546);
-			if (value != null && value !== '' && (!/^\d+$/.test(value) || +value < minDeposit))
-				return _('Must be at least the minimum deposit (%d)').format(minDeposit);
-			return true;
-		};
+		o.validate = whole({ option: 'min_deposit_sat', fallback: 546 }, null, _('Must be at least the minimum deposit (%d)'));
 
 		o = s.taboption('channels', form.Value, 'expiry_blocks', _('Channel lifetime (blocks)'),
 			_('144 blocks is about a day; the client\'s refund unlocks after it.'));
-		o.validate = wholeNumber(2);
+		o.validate = whole(2);
 
 		o = s.taboption('channels', form.Value, 'settle_margin_blocks', _('Settle margin (blocks)'),
 			_('Channels settle this many blocks before they expire and refuse payments inside the margin.'));
-		o.validate = function(section_id, value) {
-			var expiry = +(other(this, section_id, 'expiry_blocks') || 144);
-			if (value != null && value !== '' && (!/^\d+$/.test(value) || +value < 1 || +value >= expiry))
-				return _('Enter a whole number from 1 to below the lifetime (%d)').format(expiry);
-			return true;
-		};
+		o.validate = whole(1, { option: 'expiry_blocks', fallback: 144, offset: -1 },
+			_('Enter a whole number from %d to %d, below the lifetime'));
 
 		o = s.taboption('channels', form.Value, 'zero_conf_max_sat', _('0-conf risk cap (sat)'),
 			_('Deposits up to this amount are used before they confirm; larger ones wait for confirmations.'));
@@ -165,7 +155,7 @@ return view.extend({
 		o.validate = sat(0);
 
 		o = s.taboption('channels', form.Value, 'min_conf', _('Confirmations above the cap'));
-		o.validate = wholeNumber(1, 100);
+		o.validate = whole(1, 100);
 
 		// --- chain ---
 		o = s.taboption('chain', form.ListValue, 'chain_backend', _('Backend'),
