@@ -11,6 +11,9 @@ portal.p99_ms_50_clients
     The splash page (`GET /`) from 50 concurrent clients (threads of a load generator in the
     client namespace, so requests cross the firewall as a phone's would), 40 requests each, a
     new connection per request; p99 of the 2000 latencies. `portal.p50_ms_50_clients` too.
+portal.service_rss_kb
+    Resident memory of the `bitmesh serve` process (VmRSS, x86-64 CPython) right after that
+    load, and `portal.service_rss_peak_kb` its high-water mark (VmHWM) over the whole bench.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ def run() -> dict:
                                         timeout=300).stdout)
             if load["n_errors"]:
                 raise RuntimeError(f"splash page errors under load: {load}")
+            memory = _memory_kb(service.proc.pid)
         finally:
             service.stop()
     return {
@@ -119,7 +123,19 @@ def run() -> dict:
         "portal.pay_to_access_ms_max": round(max(runs), 1),
         "portal.p99_ms_50_clients": round(load["p99"], 1),
         "portal.p50_ms_50_clients": round(load["p50"], 1),
+        "portal.service_rss_kb": memory["VmRSS"],
+        "portal.service_rss_peak_kb": memory["VmHWM"],
     }
+
+
+def _memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in kB (`ip netns exec` execs the service: same pid)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0])
+    return fields
 
 
 if __name__ == "__main__":
