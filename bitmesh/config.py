@@ -131,10 +131,11 @@ class Settings:
             raise ConfigError("esplora_url: required when chain_backend is esplora")
         if self.chain_backend == "core" and not self.core_rpc_url:
             raise ConfigError("core_rpc_url: required when chain_backend is core")
-        if not self.payout_address:
+        if not self.payout_address and self.enabled:
             raise ConfigError("payout_address: required (the owner's bitcoin address that receives earnings)")
         try:
-            address_to_script(self.payout_address, self.network)
+            if self.payout_address:  # may stay empty while the hotspot is off (a new install)
+                address_to_script(self.payout_address, self.network)
         except BitMeshError:
             raise ConfigError(
                 f"payout_address: {self.payout_address!r} is not a valid address for network {self.network!r}"

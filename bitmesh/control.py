@@ -111,7 +111,8 @@ class Control:
             "version": __version__,
             "enabled": s.enabled,
             "network": s.network,
-            "interface": lan.device if lan else None,
+            "interface": s.interface,  # the logical network (e.g. lan) ...
+            "device": lan.device if lan else None,  # ... and its device (e.g. br-lan)
             "portal_url": f"http://{lan.ipv4}:{s.portal_port}/" if lan and lan.ipv4 else None,
             "firewall": self.service.meter.gate is not None,
             "chain": {"backend": s.chain_backend, "url": redact_url(url), "ok": chain_ok, "tip_height": tip},

@@ -103,12 +103,13 @@ def _shipped_with(tmp_path: Path, **opts: str) -> Path:
     return _write(tmp_path, text)
 
 
-def test_shipped_config_parses_and_needs_a_payout_address(tmp_path):
+def test_shipped_config_parses_and_needs_a_payout_address_to_be_enabled(tmp_path):
     pkg = uci.load(SHIPPED)
     main = pkg.section("main")
     assert main is not None and main.type == "bitmesh"
-    with pytest.raises(ConfigError, match="payout_address"):
-        load_settings(SHIPPED)
+    assert not load_settings(SHIPPED).enabled  # off, no address yet: valid, nothing starts
+    with pytest.raises(ConfigError, match="payout_address: required"):
+        load_settings(_shipped_with(tmp_path, enabled=1))
     s = load_settings(_shipped_with(tmp_path, payout_address=ADDR))
     defaults = Settings()
     # the shipped file states every option, with the same values as the dataclass defaults

@@ -3,57 +3,167 @@
 'require form';
 'require tools.widgets as widgets';
 
-// Settings: a form over /etc/config/bitmesh (section `main`). "Save & Apply" commits the UCI
-// change; procd's reload trigger then sends the service SIGHUP, so new prices apply to new
-// channels and paid clients stay online. The checks here mirror bitmesh/config.py so most
-// mistakes are caught in the browser; the service checks everything again at (re)load and
-// keeps its running config if anything is wrong.
+// Settings: a form over /etc/config/bitmesh, section `config bitmesh 'main'`. Save & Apply
+// commits the change; procd's reload trigger then makes the service reload, so new prices
+// apply to new channels and paid clients stay online.
+//
+// The checks below mirror bitmesh/config.py so that most mistakes show up in the browser. The
+// service checks every option again when it (re)loads and keeps its running config if one is
+// wrong. An option left empty is removed from the config and the service uses its default,
+// which is what each field shows as placeholder.
 
-// Address shapes per network (bech32 prefix, base58 first characters). Only a shape check:
-// the service decodes the address and verifies its checksum.
-var ADDRESS_SHAPES = {
-	'main': /^(bc1[02-9ac-hj-np-z]{8,87}|[13][1-9A-HJ-NP-Za-km-z]{25,34})$/i,
-	'test': /^(tb1[02-9ac-hj-np-z]{8,87}|[mn2][1-9A-HJ-NP-Za-km-z]{25,34})$/i,
-	'signet': /^(tb1[02-9ac-hj-np-z]{8,87}|[mn2][1-9A-HJ-NP-Za-km-z]{25,34})$/i,
-	'regtest': /^(bcrt1[02-9ac-hj-np-z]{8,87}|[mn2][1-9A-HJ-NP-Za-km-z]{25,34})$/i,
-	'regtest-bcoin': /^(rb1[02-9ac-hj-np-z]{8,87}|[R][1-9A-HJ-NP-Za-km-z]{25,34})$/i
+// Defaults and limits of bitmesh/config.py (tests/test_luci.py compares them).
+var DEFAULTS = {
+	"price_sat_per_mb": 1,
+	"price_sat_per_minute": 10,
+	"prepay_step_sat": 100,
+	"min_deposit_sat": 5000,
+	"max_deposit_sat": 200000,
+	"expiry_blocks": 144,
+	"settle_margin_blocks": 12,
+	"zero_conf_max_sat": 20000,
+	"min_conf": 1,
+	"portal_port": 8088
+};
+var MAX_SAT = 2100000000000000;	// 21 million BTC: no amount may be larger
+var DUST_SAT = 546;		// smallest deposit: the dust limit
+
+// Per network: the bech32 prefix (human-readable part) and the first characters of base58
+// P2PKH/P2SH addresses. This is a shape check only; the service decodes the address and
+// verifies its checksum and its network.
+var ADDRESS_PREFIXES = {
+	'main': [ 'bc', '13' ],
+	'test': [ 'tb', 'mn2' ],
+	'signet': [ 'tb', 'mn2' ],
+	'regtest': [ 'bcrt', 'mn2' ],
+	'regtest-bcoin': [ 'rb', 'RG' ]
 };
 
-var HOST = /^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$/;
+var LABEL = '[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?';
+var HOST = new RegExp('^(?=.{1,253}$)' + LABEL + '(\\.' + LABEL + ')*\\.?$');
+var IPV4 = /^(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])){3}$/;
 
-// A whole number in [min, max]. A bound may be another option of the form, read as the owner
-// types ({option, fallback, offset}), so cross-field rules hold before anything is saved.
+function isAddress(network, value) {
+	var p = ADDRESS_PREFIXES[network];
+
+	if (!p || value.length > 90)
+		return false;
+
+	// bech32/bech32m: one case only, data in the 32-character alphabet
+	if ((value == value.toLowerCase() || value == value.toUpperCase()) &&
+	    new RegExp('^' + p[0] + '1[02-9ac-hj-np-z]{11,}$').test(value.toLowerCase()))
+		return true;
+
+	// base58check: case-sensitive, 0/O/I/l excluded
+	return new RegExp('^[' + p[1] + '][1-9A-HJ-NP-Za-km-z]{25,34}$').test(value);
+}
+
+function isIPv6(value) {
+	var halves = value.split('::'), groups, n;
+
+	if (halves.length > 2)
+		return false;
+
+	groups = [].concat.apply([], halves.map(function(h) { return h === '' ? [] : h.split(':'); }));
+	n = groups.length;
+
+	// an IPv4 address may end it, standing for two groups
+	if (n && IPV4.test(groups[n - 1]) && halves[halves.length - 1] !== '') {
+		groups.pop();
+		n++;
+	}
+
+	if (!groups.every(function(g) { return /^[0-9A-Fa-f]{1,4}$/.test(g); }))
+		return false;
+
+	return (halves.length == 2) ? n <= 7 : n == 8;
+}
+
+// A host name or an IP address (config.py: _is_host)
+function isHost(value) {
+	return HOST.test(value) || isIPv6(value);
+}
+
+// What another option of this form holds right now (as typed, before saving); its default
+// when left empty.
+function current(option, section_id, name) {
+	var o = option.map.lookupOption(name, section_id),
+	    v = o ? o[0].formvalue(o[1]) : null;
+
+	return (v == null || v === '') ? DEFAULTS[name] : v;
+}
+
+// Validator: a whole number from min to max. A bound may be a function (option, section_id)
+// reading another option, so cross-field rules hold before anything is saved. (Messages use %s:
+// LuCI's %d is 32-bit and amounts go up to MAX_SAT.)
 function whole(min, max, message) {
 	return function(section_id, value) {
 		if (value == null || value === '')
 			return true;
-		var lo = bound(this, section_id, min), hi = bound(this, section_id, max);
-		if (!/^\d+$/.test(value) || +value < lo || (hi != null && +value > hi))
-			return (message || (hi != null ? _('Enter a whole number from %d to %d') : _('Enter a whole number, at least %d')))
-				.format(lo, hi);
+
+		var lo = (typeof(min) == 'function') ? min(this, section_id) : min,
+		    hi = (typeof(max) == 'function') ? max(this, section_id) : max;
+
+		if (!/^[0-9]+$/.test(value) || +value < lo || +value > hi)
+			return (message || _('Enter a whole number from %s to %s')).format(lo, hi);
+
 		return true;
 	};
 }
 
-function bound(option, section_id, b) {
-	if (b == null || typeof b == 'number')
-		return b;
-	return +(other(option, section_id, b.option) || b.fallback) + (b.offset || 0);
+// A bound read from another option (plus offset); its default while that one is not a number
+// (it shows its own error then).
+function optionValue(name, offset) {
+	return function(option, section_id) {
+		var v = current(option, section_id, name);
+		return (/^[0-9]+$/.test(v) ? +v : DEFAULTS[name]) + (offset || 0);
+	};
 }
 
-function sat(min) {
-	return whole(min, null, _('Enter a whole number of satoshis, at least %d'));
+// A change to this option re-checks the options whose bounds depend on it.
+function recheck(names) {
+	return function(ev, section_id, value) {
+		names.forEach(L.bind(function(name) {
+			var o = this.map.lookupOption(name, section_id);
+			if (o)
+				o[0].triggerValidation(o[1]);
+		}, this));
+	};
 }
 
+// Validator: text of at most max characters without control characters (tab and newline only
+// where multiline); not only blanks where nonblank (empty is fine: the default applies).
+function text(max, multiline, nonblank) {
+	return function(section_id, value) {
+		if (value == null || value === '')
+			return true;
+		if (nonblank && value.trim() === '')
+			return _('Must not be blank');
+		if (value.length > max)
+			return _('At most %d characters').format(max);
+		if ((multiline ? /[\x00-\x08\x0b-\x1f]/ : /[\x00-\x1f]/).test(value))
+			return _('Control characters are not allowed');
+		return true;
+	};
+}
+
+// Validator: empty (the default applies) or an http:// or https:// URL with a host, a valid
+// port and no credentials (those go into the RPC user and password fields).
 function httpUrl(section_id, value) {
 	if (value == null || value === '')
 		return true;
-	return /^https?:\/\/[^\s/?#]+(\/[^\s]*)?$/.test(value) ? true : _('Enter an http:// or https:// URL');
-}
 
-function other(option, section_id, name) {
-	var o = option.map.lookupOption(name, section_id);
-	return o ? o[0].formvalue(section_id) : null;
+	var m = /^https?:\/\/([^\/?#\s]+)([\/?#]\S*)?$/i.exec(value);
+	if (!m)
+		return _('Enter an http:// or https:// URL');
+	if (m[1].indexOf('@') > -1)
+		return _('No user name or password in the URL: use the RPC user and password fields');
+
+	var hp = /^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(:([0-9]*))?$/.exec(m[1]);
+	if (!hp || (hp[3] != null && hp[3] !== '' && +hp[3] > 65535))
+		return _('Enter an http:// or https:// URL with a valid host and port');
+
+	return true;
 }
 
 return view.extend({
@@ -72,15 +182,20 @@ return view.extend({
 		s.tab('portal', _('Portal'));
 		s.tab('mqtt', _('Marketplace'));
 
-		// --- general ---
+		// --- General ---
 		o = s.taboption('general', form.Flag, 'enabled', _('Enable'),
-			_('The hotspot starts only with a payout address set.'));
+			_('The hotspot runs only while this is on and a payout address is set.'));
 		o.rmempty = false;
+		o.onchange = recheck([ 'payout_address' ]);
 
 		o = s.taboption('general', widgets.NetworkSelect, 'interface', _('Gated network'),
-			_('Clients of this network must pay; the firewall table bitmesh applies to it only.'));
+			_('Clients of this network must pay; BitMesh\'s firewall table applies to it only.'));
 		o.nocreate = true;
 		o.rmempty = false;
+		o.validate = function(section_id, value) {
+			return (value == null || value === '' || /^[A-Za-z0-9_.-]{1,15}$/.test(value)) ? true
+				: _('Network names of up to 15 letters, digits, _ . - only');
+		};
 
 		o = s.taboption('general', form.ListValue, 'network', _('Bitcoin network'));
 		o.value('main', _('Bitcoin (mainnet)'));
@@ -89,15 +204,19 @@ return view.extend({
 		o.value('regtest', 'regtest');
 		o.value('regtest-bcoin', 'regtest (bcoin)');
 		o.default = 'main';
+		o.onchange = recheck([ 'payout_address' ]);
 
 		o = s.taboption('general', form.Value, 'payout_address', _('Payout address'),
 			_('Your address: every settlement pays your earnings here.'));
 		o.rmempty = false;
 		o.validate = function(section_id, value) {
-			var network = other(this, section_id, 'network') || 'main';
+			var network = current(this, section_id, 'network') || 'main';
+
+			// may stay empty while the hotspot is off, e.g. to set prices first
 			if (value == null || value === '')
-				return _('A payout address is required');
-			return (ADDRESS_SHAPES[network] || ADDRESS_SHAPES.main).test(value.trim()) ? true
+				return (current(this, section_id, 'enabled') == '1') ? _('A payout address is required to enable the hotspot') : true;
+
+			return isAddress(network, value) ? true
 				: _('Not an address of the %s network').format(network);
 		};
 
@@ -105,59 +224,73 @@ return view.extend({
 			_('Channel keys (seed, mode 0600) and the payment journal. Keep it on persistent storage.'));
 		o.placeholder = '/etc/bitmesh';
 		o.validate = function(section_id, value) {
-			return (value == null || value === '' || /^\/[^\0]*$/.test(value)) ? true : _('Enter an absolute path');
+			if (value == null || value === '')
+				return true;
+			return (value.charAt(0) == '/' && value.indexOf('\0') < 0 && value.split('/').indexOf('..') < 0) ? true
+				: _('Enter an absolute path without ".."');
 		};
 
-		// --- prices ---
+		// --- Prices ---
 		o = s.taboption('prices', form.Value, 'price_sat_per_mb', _('Price per MB (sat)'),
-			_('0 for no data price. At least one price must be above 0.'));
-		o.datatype = 'uinteger';
+			_('0 for no data price. At least one of the two prices must be above 0.'));
+		o.placeholder = DEFAULTS.price_sat_per_mb;
 		o.validate = function(section_id, value) {
-			var perMinute = other(this, section_id, 'price_sat_per_minute');
-			if (+(value || 0) <= 0 && +(perMinute || 0) <= 0)
+			var res = whole(0, MAX_SAT).call(this, section_id, value);
+			if (res !== true)
+				return res;
+			if (+current(this, section_id, 'price_sat_per_mb') <= 0 &&
+			    +current(this, section_id, 'price_sat_per_minute') <= 0)
 				return _('Set a price per MB or per minute');
-			return sat(0).call(this, section_id, value);
+			return true;
 		};
 
 		o = s.taboption('prices', form.Value, 'price_sat_per_minute', _('Price per minute (sat)'),
 			_('0 for no time price.'));
-		o.datatype = 'uinteger';
-		o.validate = sat(0);
+		o.placeholder = DEFAULTS.price_sat_per_minute;
+		o.validate = whole(0, MAX_SAT);
+		o.onchange = recheck([ 'price_sat_per_mb' ]);
 
 		o = s.taboption('prices', form.Value, 'prepay_step_sat', _('Prepay step (sat)'),
 			_('Credit a client pays ahead of use: the most an unpaid step can cost you. At most the minimum deposit.'));
-		o.datatype = 'uinteger';
-		o.validate = whole(1, { option: 'min_deposit_sat', fallback: 5000 },
-			_('Enter a whole number from %d to the minimum deposit (%d)'));
+		o.placeholder = DEFAULTS.prepay_step_sat;
+		o.validate = whole(1, optionValue('min_deposit_sat'),
+			_('Enter a whole number from %s to the minimum deposit (%s)'));
 
-		// --- channels ---
+		// --- Channels ---
 		o = s.taboption('channels', form.Value, 'min_deposit_sat', _('Minimum deposit (sat)'),
-			_('At least 546, the dust limit.'));
-		o.datatype = 'uinteger';
-		o.validate = sat(546);
+			_('At least %d, the dust limit.').format(DUST_SAT));
+		o.placeholder = DEFAULTS.min_deposit_sat;
+		o.validate = whole(DUST_SAT, MAX_SAT);
+		o.onchange = recheck([ 'max_deposit_sat', 'prepay_step_sat' ]);
 
-		o = s.taboption('channels', form.Value, 'max_deposit_sat', _('Maximum deposit (sat)'));
-		o.datatype = 'uinteger';
-		o.validate = whole({ option: 'min_deposit_sat', fallback: 546 }, null, _('Must be at least the minimum deposit (%d)'));
+		o = s.taboption('channels', form.Value, 'max_deposit_sat', _('Maximum deposit (sat)'),
+			_('At least the minimum deposit.'));
+		o.placeholder = DEFAULTS.max_deposit_sat;
+		o.validate = whole(optionValue('min_deposit_sat'), MAX_SAT,
+			_('Enter a whole number from the minimum deposit (%s) to %s'));
 
 		o = s.taboption('channels', form.Value, 'expiry_blocks', _('Channel lifetime (blocks)'),
 			_('144 blocks is about a day; the client\'s refund unlocks after it.'));
-		o.validate = whole(2);
+		o.placeholder = DEFAULTS.expiry_blocks;
+		o.validate = whole(2, MAX_SAT);
+		o.onchange = recheck([ 'settle_margin_blocks' ]);
 
 		o = s.taboption('channels', form.Value, 'settle_margin_blocks', _('Settle margin (blocks)'),
 			_('Channels settle this many blocks before they expire and refuse payments inside the margin.'));
-		o.validate = whole(1, { option: 'expiry_blocks', fallback: 144, offset: -1 },
-			_('Enter a whole number from %d to %d, below the lifetime'));
+		o.placeholder = DEFAULTS.settle_margin_blocks;
+		o.validate = whole(1, optionValue('expiry_blocks', -1),
+			_('Enter a whole number from %s to %s, below the channel lifetime'));
 
 		o = s.taboption('channels', form.Value, 'zero_conf_max_sat', _('0-conf risk cap (sat)'),
-			_('Deposits up to this amount are used before they confirm; larger ones wait for confirmations.'));
-		o.datatype = 'uinteger';
-		o.validate = sat(0);
+			_('Deposits up to this amount are used before they confirm; larger ones wait for confirmations. 0 waits for every deposit.'));
+		o.placeholder = DEFAULTS.zero_conf_max_sat;
+		o.validate = whole(0, MAX_SAT);
 
 		o = s.taboption('channels', form.Value, 'min_conf', _('Confirmations above the cap'));
+		o.placeholder = DEFAULTS.min_conf;
 		o.validate = whole(1, 100);
 
-		// --- chain ---
+		// --- Blockchain ---
 		o = s.taboption('chain', form.ListValue, 'chain_backend', _('Backend'),
 			_('Esplora is the REST API of mempool.space and electrs: no node needed on the router.'));
 		o.value('esplora', _('Esplora (REST)'));
@@ -176,31 +309,38 @@ return view.extend({
 
 		o = s.taboption('chain', form.Value, 'core_rpc_user', _('RPC user'));
 		o.depends('chain_backend', 'core');
+		o.validate = text(256);
 
 		o = s.taboption('chain', form.Value, 'core_rpc_password', _('RPC password'));
 		o.depends('chain_backend', 'core');
 		o.password = true;
+		o.validate = text(1024);
 
-		// --- portal ---
-		o = s.taboption('portal', form.Value, 'portal_port', _('Portal port'));
-		o.datatype = 'port';
-		o.placeholder = '8088';
+		// --- Portal ---
+		o = s.taboption('portal', form.Value, 'portal_port', _('Portal port'),
+			_('The splash page listens here on the gated network.'));
+		o.placeholder = DEFAULTS.portal_port;
+		o.validate = whole(1, 65535);
 
 		o = s.taboption('portal', form.Value, 'portal_title', _('Splash page title'));
 		o.placeholder = 'BitMesh Wi-Fi';
+		o.validate = text(120, false, true);
 
 		o = s.taboption('portal', form.TextValue, 'portal_text', _('Splash page text'));
 		o.rows = 3;
+		o.validate = text(2000, true);
 
 		o = s.taboption('portal', form.DynamicList, 'walled_garden_host', _('Walled garden'),
 			_('Hosts unpaid clients may reach (rate-limited), e.g. a block explorer for their wallet.'));
+		o.placeholder = 'mempool.space';
 		o.validate = function(section_id, value) {
-			return (value == null || value === '' || HOST.test(value) || /^[0-9a-fA-F:.]+$/.test(value)) ? true
+			return (value == null || value === '' || isHost(value)) ? true
 				: _('Enter a host name or an IP address');
 		};
 
-		// --- marketplace ---
-		o = s.taboption('mqtt', form.Flag, 'mqtt_enabled', _('Announce offers over MQTT'));
+		// --- Marketplace ---
+		o = s.taboption('mqtt', form.Flag, 'mqtt_enabled', _('Announce offers over MQTT'),
+			_('Publishes this hotspot\'s prices and channel events to an MQTT broker.'));
 
 		o = s.taboption('mqtt', form.Value, 'mqtt_broker', _('Broker'), _('host:port'));
 		o.depends('mqtt_enabled', '1');
@@ -208,16 +348,19 @@ return view.extend({
 		o.validate = function(section_id, value) {
 			if (value == null || value === '')
 				return true;
-			var m = /^(\[[0-9a-fA-F:]+\]|[^:\s]+):(\d{1,5})$/.exec(value);
-			return (m && +m[2] >= 1 && +m[2] <= 65535) ? true : _('Enter host:port');
+			var hp = /^\[([0-9A-Fa-f:.]+)\]:([0-9]+)$/.exec(value) || /^([^:\[\]]+):([0-9]+)$/.exec(value);
+			return (hp && isHost(hp[1]) && +hp[2] >= 1 && +hp[2] <= 65535) ? true
+				: _('Enter host:port, e.g. 127.0.0.1:1883 or [::1]:1883');
 		};
 
 		o = s.taboption('mqtt', form.Value, 'mqtt_topic_prefix', _('Topic prefix'));
 		o.depends('mqtt_enabled', '1');
 		o.placeholder = 'bitmesh';
 		o.validate = function(section_id, value) {
-			return (value == null || value === '' || /^[^#+\0/]+(\/[^#+\0/]+)*$/.test(value)) ? true
-				: _('No #, + or empty levels');
+			if (value == null || value === '')
+				return true;
+			return (value.length <= 200 && /^[^#+\0\/]+(\/[^#+\0\/]+)*$/.test(value)) ? true
+				: _('A topic without #, + or empty levels');
 		};
 
 		return m.render();

@@ -1,23 +1,79 @@
 'use strict';
 'require view';
-'require rpc';
+'require dom';
 'require poll';
+'require rpc';
 'require ui';
 
-// Status: the running service through its ubus object `bitmesh` (bitmesh/control.py). rpcd's
-// ACL (acl.d/luci-app-bitmesh.json) grants exactly the methods declared here.
-
-var callStatus = rpc.declare({ object: 'bitmesh', method: 'status' });
-var callClients = rpc.declare({ object: 'bitmesh', method: 'clients' });
-var callChannels = rpc.declare({ object: 'bitmesh', method: 'channels' });
-var callEarnings = rpc.declare({ object: 'bitmesh', method: 'earnings' });
-var callKick = rpc.declare({ object: 'bitmesh', method: 'kick', params: [ 'mac' ] });
-var callCloseChannel = rpc.declare({ object: 'bitmesh', method: 'close_channel', params: [ 'channel_id' ] });
+// Status: the running service through its ubus object `bitmesh` (bitmesh/control.py). The
+// rpcd ACL (acl.d/luci-app-bitmesh.json) grants exactly the methods declared here: the four
+// readers under "read", kick and close_channel under "write".
 
 var POLL_SECONDS = 5;
 
+// A reply is the answer, or {"error": {"code", "message"}} when the service refuses. When the
+// object is missing (service stopped) or access is denied, rpcd answers a bare ubus status
+// code instead; `expect` turns anything that is not an object into this same error shape.
+var NO_ANSWER = {
+	error: { code: 'no_answer', message: _('The BitMesh service does not answer; is it running?') }
+};
+
+var callStatus = rpc.declare({
+	object: 'bitmesh',
+	method: 'status',
+	expect: { '': NO_ANSWER }
+});
+
+var callClients = rpc.declare({
+	object: 'bitmesh',
+	method: 'clients',
+	expect: { '': NO_ANSWER }
+});
+
+var callChannels = rpc.declare({
+	object: 'bitmesh',
+	method: 'channels',
+	expect: { '': NO_ANSWER }
+});
+
+var callEarnings = rpc.declare({
+	object: 'bitmesh',
+	method: 'earnings',
+	expect: { '': NO_ANSWER }
+});
+
+var callKick = rpc.declare({
+	object: 'bitmesh',
+	method: 'kick',
+	params: [ 'mac' ],
+	expect: { '': NO_ANSWER }
+});
+
+var callCloseChannel = rpc.declare({
+	object: 'bitmesh',
+	method: 'close_channel',
+	params: [ 'channel_id' ],
+	expect: { '': NO_ANSWER }
+});
+
+// The error of a reply, or null when it is an answer.
+function errorOf(reply) {
+	if (!L.isObject(reply))
+		return NO_ANSWER.error;
+	return L.isObject(reply.error) ? reply.error : null;
+}
+
+function errorText(err) {
+	return _('BitMesh: %s (%s)').format(err.message || _('unknown error'), err.code || '?');
+}
+
+function notifyError(err) {
+	ui.addNotification(null, E('p', errorText(err)), 'danger');
+}
+
+// Amounts in %s: LuCI's %d is 32-bit.
 function sats(n) {
-	return (n == null) ? '-' : '%d sat'.format(n);
+	return (n == null) ? '-' : _('%s sat').format(n);
 }
 
 function bytes(n) {
@@ -32,130 +88,216 @@ function duration(seconds) {
 }
 
 function shortId(id) {
-	return id ? id.substr(0, 12) + '…' : '-';
+	return id ? E('span', { 'title': id }, id.length > 12 ? id.substr(0, 12) + '…' : id) : '-';
 }
 
-// A reply is either the answer or {"error": {"code", "message"}} (the service refused).
-function failed(reply) {
-	if (reply && reply.error) {
-		ui.addNotification(null, E('p', _('BitMesh: %s (%s)').format(reply.error.message, reply.error.code)), 'danger');
-		return true;
-	}
-	return false;
+function when(unix) {
+	return unix ? new Date(unix * 1000).toLocaleString() : '-';
 }
 
 function table(headers, rows, empty) {
-	var t = E('table', { 'class': 'table' }, [
-		E('tr', { 'class': 'tr table-titles' }, headers.map(function(h) { return E('th', { 'class': 'th' }, h); }))
-	]);
+	var trs = [
+		E('tr', { 'class': 'tr table-titles' }, headers.map(function(h) {
+			return E('th', { 'class': 'th' }, h);
+		}))
+	];
+
 	if (!rows.length)
-		t.appendChild(E('tr', { 'class': 'tr placeholder' }, [ E('td', { 'class': 'td' }, empty) ]));
+		trs.push(E('tr', { 'class': 'tr placeholder' }, [
+			E('td', { 'class': 'td', 'colspan': headers.length }, E('em', empty))
+		]));
+
 	rows.forEach(function(cells) {
-		t.appendChild(E('tr', { 'class': 'tr' }, cells.map(function(c) { return E('td', { 'class': 'td' }, c); })));
+		trs.push(E('tr', { 'class': 'tr' }, cells.map(function(c) {
+			return E('td', { 'class': 'td' }, c);
+		})));
 	});
-	return t;
+
+	return E('table', { 'class': 'table' }, trs);
+}
+
+function keyValueTable(rows) {
+	return E('table', { 'class': 'table' }, rows.map(function(r) {
+		return E('tr', { 'class': 'tr' }, [
+			E('td', { 'class': 'td left', 'width': '33%' }, r[0]),
+			E('td', { 'class': 'td left' }, r[1])
+		]);
+	}));
+}
+
+function failedSection(err) {
+	return E('p', {}, E('em', errorText(err)));
 }
 
 return view.extend({
+	// errors already notified, so that polling does not repeat one every 5 s while it lasts
+	shownErrors: {},
+
 	load: function() {
 		return Promise.all([ callStatus(), callClients(), callChannels(), callEarnings() ]);
 	},
 
+	notifyNewErrors: function(replies) {
+		var shown = {};
+
+		replies.forEach(L.bind(function(reply) {
+			var err = errorOf(reply), key;
+			if (!err)
+				return;
+			key = errorText(err);
+			if (!this.shownErrors[key] && !shown[key])
+				notifyError(err);
+			shown[key] = true;
+		}, this));
+
+		this.shownErrors = shown;
+	},
+
 	handleKick: function(mac, ev) {
-		if (!confirm(_('Cut off %s now? Its channel is settled for what it used; the rest goes back to it.').format(mac)))
+		if (!confirm(_('Cut off %s now? Its channel is settled for what it used; the rest goes back to the client.').format(mac)))
 			return;
+
 		return callKick(mac).then(function(reply) {
-			if (!failed(reply))
-				ui.addNotification(null, E('p', _('%s cut off; channels settled: %s').format(mac, reply.kicked.join(', ') || '-')), 'info');
+			var err = errorOf(reply);
+			if (err)
+				notifyError(err);
+			else
+				ui.addNotification(null, E('p', _('%s cut off; channels settled: %s').format(
+					mac, L.toArray(reply.kicked).join(', ') || '-')), 'info');
 		}).then(L.bind(this.refresh, this));
 	},
 
 	handleClose: function(channelId, ev) {
-		if (!confirm(_('Settle channel %s now? The client loses access.').format(channelId)))
+		if (!confirm(_('Settle channel %s now? Its client loses access.').format(channelId)))
 			return;
+
 		return callCloseChannel(channelId).then(function(reply) {
-			if (!failed(reply))
-				ui.addNotification(null, E('p', _('Channel %s: %s, settlement %s').format(
-					shortId(reply.channel_id), reply.state, reply.settlement_txid || '-')), 'info');
+			var err = errorOf(reply);
+			if (err)
+				notifyError(err);
+			else
+				ui.addNotification(null, E('p', _('Channel %s: %s, settlement transaction %s').format(
+					reply.channel_id, reply.state, reply.settlement_txid || '-')), 'info');
 		}).then(L.bind(this.refresh, this));
 	},
 
-	renderStatus: function(st, earnings) {
-		if (failed(st) || failed(earnings))
-			return E('div');
-		var rows = [
-			[ _('Portal'), st.portal_url || '-' ],
-			[ _('Gated network'), '%s (%s)'.format(st.interface || '-', st.firewall ? _('firewall on') : _('firewall off')) ],
-			[ _('Bitcoin network'), st.network ],
-			[ _('Chain backend'), '%s %s, %s'.format(st.chain.backend, st.chain.url,
-				st.chain.ok ? _('tip %d').format(st.chain.tip_height) : _('unreachable')) ],
-			[ _('Prices'), _('%d sat per MB, %d sat per minute, prepay step %d sat').format(
-				st.price_sat_per_mb, st.price_sat_per_minute, st.prepay_step_sat) ],
-			[ _('Clients online'), '%d (%d open channels)'.format(st.clients_online, st.channels_open) ],
-			[ _('Earned (confirmed)'), _('%s in %d channels').format(sats(earnings.settled_sat), earnings.settled_channels) ],
-			[ _('Settling'), _('%s in %d channels').format(sats(earnings.settling_sat), earnings.settling_channels) ],
-			[ _('Open channels'), _('%s used of %s paid').format(sats(earnings.open_owed_sat), sats(earnings.open_paid_sat)) ],
-			[ _('Payout address'), st.payout_address ],
-			[ _('Version'), st.version ]
-		];
-		return E('table', { 'class': 'table' }, rows.map(function(r) {
-			return E('tr', { 'class': 'tr' }, [
-				E('td', { 'class': 'td left', 'width': '33%' }, r[0]), E('td', { 'class': 'td left' }, r[1])
-			]);
-		}));
+	renderStatus: function(st) {
+		var err = errorOf(st), chain;
+		if (err)
+			return failedSection(err);
+
+		chain = L.isObject(st.chain) ? st.chain : {};
+
+		return keyValueTable([
+			[ _('Service'), st.enabled ? _('running') : _('running, disabled (enable it in Settings)') ],
+			[ _('Version'), st.version || '-' ],
+			[ _('Bitcoin network'), st.network || '-' ],
+			[ _('Gated network'), '%s%s (%s)'.format(st.interface || '-', st.device ? ' / ' + st.device : '',
+				st.firewall ? _('firewall active') : _('firewall not active')) ],
+			[ _('Portal'), st.portal_url ? E('a', { 'href': st.portal_url, 'target': '_blank' }, st.portal_url) : '-' ],
+			[ _('Chain backend'), '%s, %s: %s'.format(chain.backend || '-', chain.url || '-',
+				chain.ok ? ((chain.tip_height != null) ? _('block %s').format(chain.tip_height) : _('reachable'))
+					: _('unreachable')) ],
+			[ _('Prices'), _('%s per MB, %s per minute, prepay step %s').format(
+				sats(st.price_sat_per_mb), sats(st.price_sat_per_minute), sats(st.prepay_step_sat)) ],
+			[ _('Clients online'), '%s'.format(st.clients_online) ],
+			[ _('Open channels'), '%s'.format(st.channels_open) ],
+			[ _('Payout address'), st.payout_address || '-' ]
+		]);
+	},
+
+	renderEarnings: function(earnings) {
+		var err = errorOf(earnings);
+		if (err)
+			return failedSection(err);
+
+		return E('div', {}, [
+			keyValueTable([
+				[ _('Settled (confirmed)'), _('%s in %s channels').format(sats(earnings.settled_sat), earnings.settled_channels) ],
+				[ _('Settling (unconfirmed)'), _('%s in %s channels').format(sats(earnings.settling_sat), earnings.settling_channels) ],
+				[ _('Open channels'), _('%s owed of %s paid in %s channels').format(
+					sats(earnings.open_owed_sat), sats(earnings.open_paid_sat), earnings.open_channels) ]
+			]),
+			E('h4', _('Recent settlements')),
+			table(
+				[ _('Channel'), _('Transaction'), _('Payout'), _('State'), _('Updated') ],
+				L.toArray(earnings.recent).map(function(r) {
+					return [ shortId(r.channel_id), shortId(r.txid), sats(r.payout_sat), r.state, when(r.updated_at) ];
+				}),
+				_('No settlements yet.'))
+		]);
 	},
 
 	renderClients: function(reply) {
-		if (failed(reply))
-			return E('div');
+		var err = errorOf(reply);
+		if (err)
+			return failedSection(err);
+
 		return table(
-			[ _('MAC'), _('IP'), _('Used'), _('Time'), _('Paid'), _('Credit'), _('State'), '' ],
-			reply.clients.map(L.bind(function(c) {
-				return [ c.mac, c.ip, bytes(c.bytes_used), duration(c.seconds_used), sats(c.paid), sats(c.credit), c.state,
-					E('button', { 'class': 'btn cbi-button-remove', 'click': ui.createHandlerFn(this, 'handleKick', c.mac) }, _('Kick')) ];
+			[ _('MAC'), _('IP'), _('Data used'), _('Time used'), _('Credit'), _('Paid'), _('State'), '' ],
+			L.toArray(reply.clients).map(L.bind(function(c) {
+				return [
+					c.mac, c.ip || '-', bytes(c.bytes_used), duration(c.seconds_used), sats(c.credit), sats(c.paid), c.state,
+					E('button', {
+						'class': 'cbi-button cbi-button-remove',
+						'click': ui.createHandlerFn(this, 'handleKick', c.mac)
+					}, _('Kick'))
+				];
 			}, this)),
 			_('No paying clients right now.'));
 	},
 
 	renderChannels: function(reply) {
-		if (failed(reply))
-			return E('div');
+		var err = errorOf(reply);
+		if (err)
+			return failedSection(err);
+
 		return table(
-			[ _('Channel'), _('Client'), _('State'), _('Deposit'), _('Paid'), _('Used'), _('Settlement'), '' ],
-			reply.channels.map(L.bind(function(ch) {
-				return [ shortId(ch.channel_id), ch.client_mac || '-', ch.state, sats(ch.deposit), sats(ch.paid), sats(ch.owed),
-					ch.settlement_txid ? shortId(ch.settlement_txid) : '-',
-					ch.state == 'open'
-						? E('button', { 'class': 'btn cbi-button-action', 'click': ui.createHandlerFn(this, 'handleClose', ch.channel_id) }, _('Close'))
-						: '' ];
+			[ _('Channel'), _('Client'), _('State'), _('Deposit'), _('Paid'), _('Owed'), _('Settlement'), '' ],
+			L.toArray(reply.channels).map(L.bind(function(ch) {
+				return [
+					shortId(ch.channel_id), ch.client_mac || '-', ch.state, sats(ch.deposit), sats(ch.paid), sats(ch.owed),
+					shortId(ch.settlement_txid),
+					(ch.state == 'open') ? E('button', {
+						'class': 'cbi-button cbi-button-action',
+						'click': ui.createHandlerFn(this, 'handleClose', ch.channel_id)
+					}, _('Close')) : ''
+				];
 			}, this)),
 			_('No channels yet.'));
 	},
 
-	refresh: function() {
-		return this.load().then(L.bind(function(data) {
-			var root = document.getElementById('bitmesh-status');
-			if (root)
-				root.replaceWith(this.renderAll(data));
-		}, this));
-	},
+	renderSections: function(data) {
+		this.notifyNewErrors(data);
 
-	renderAll: function(data) {
-		return E('div', { 'id': 'bitmesh-status' }, [
-			E('div', { 'class': 'cbi-section' }, [ E('h3', _('Hotspot')), this.renderStatus(data[0], data[3]) ]),
+		return [
+			E('div', { 'class': 'cbi-section' }, [ E('h3', _('Hotspot')), this.renderStatus(data[0]) ]),
+			E('div', { 'class': 'cbi-section' }, [ E('h3', _('Earnings')), this.renderEarnings(data[3]) ]),
 			E('div', { 'class': 'cbi-section' }, [ E('h3', _('Clients')), this.renderClients(data[1]) ]),
 			E('div', { 'class': 'cbi-section' }, [ E('h3', _('Channels')), this.renderChannels(data[2]) ])
-		]);
+		];
+	},
+
+	refresh: function() {
+		return this.load().then(L.bind(function(data) {
+			var container = document.getElementById('bitmesh-status');
+			if (container)
+				dom.content(container, this.renderSections(data));
+		}, this));
 	},
 
 	render: function(data) {
 		poll.add(L.bind(this.refresh, this), POLL_SECONDS);
+
 		return E('div', { 'class': 'cbi-map' }, [
 			E('h2', _('BitMesh status')),
-			this.renderAll(data)
+			E('div', { 'class': 'cbi-map-descr' },
+				_('Paying clients, their channels and your earnings; refreshed every %d seconds.').format(POLL_SECONDS)),
+			E('div', { 'id': 'bitmesh-status' }, this.renderSections(data))
 		]);
 	},
 
+	// a read-only view: no Save / Save & Apply / Reset buttons
 	handleSaveApply: null,
 	handleSave: null,
 	handleReset: null
