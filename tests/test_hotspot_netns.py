@@ -197,8 +197,9 @@ def test_service_restart_keeps_paid_clients_online(topo, router, pay, bcoin):
     assert not http(topo, other, f"{UP}:8080/", timeout=1)["ok"]
     assert portal_call(c.ns, service.url, "session")["bytes_used"] >= used_before  # counts carried
 
-    # The payer rode out the outage: more browsing, more payments.
-    assert any("portal unreachable" in line for _, line in payer.lines), payer.output()
+    # The payer rode out the outage (whether or not one of its polls fell into it): it is still
+    # running, and more browsing brings more payments.
+    assert payer.proc.poll() is None, payer.output()
     paid_before = payer.payments()[-1]
     mark = len(payer.lines)
     got = topo.call(c.ns, "download", f"{UP}:8080/bytes/3000000", idle=5, rate=2_000_000)
