@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from bitmesh.portal.client import PortalClient, PortalError
 from tests.support.hotspot import Hotspot
 
 pytestmark = pytest.mark.regtest
@@ -90,3 +91,31 @@ def test_offer_carries_tariff_and_tip(hotspot: Hotspot):
     assert offer["tariff"] == {"sat_per_mb": 10, "sat_per_minute": 0}
     assert offer["tip_height"] == hotspot.node.height()
     assert offer["network"] == "regtest-bcoin" and offer["protocol"] == 1
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n",  # killed before the body
+    b"HTTP/1.0 200 OK\r\nContent-Length: 40\r\n\r\n{\"state\": \"op",  # killed mid-body
+    b"HTTP/1.0 200 OK\r\n\r\n[1, 2]",  # not an object
+])
+def test_an_answer_cut_off_is_a_retryable_transport_error(answer):
+    """A router killed while answering (procd then respawns it): the payer gets a 5xx-class
+    PortalError it retries, not a crash."""
+    import socket
+    import threading
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+
+        def answer_once():
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+        threading.Thread(target=answer_once, daemon=True).start()
+        with pytest.raises(PortalError) as e:
+            PortalClient(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=5).session()
+    assert e.value.code == "portal_answer_cut" and e.value.http_status >= 500
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -25,7 +26,7 @@ class PortalClient:
             req.add_header("Content-Type", "application/json")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read())
+                raw = resp.read()
         except urllib.error.HTTPError as e:
             try:
                 err = json.loads(e.read())["error"]
@@ -33,6 +34,17 @@ class PortalClient:
                 raise PortalError(f"HTTP {e.code} from portal", code="portal_error", http_status=e.code) from None
             code = err.get("code", "portal_error")
             raise PortalError(err.get("message", ""), code=code, http_status=e.code) from None
+        except http.client.HTTPException as e:  # e.g. IncompleteRead: the router went away mid-answer
+            raise PortalError(f"answer cut off: {e!r}", code="portal_answer_cut", http_status=502) from None
+        # A router killed while answering can leave a 200 with an empty or partial body: a
+        # transport failure (retry; a payment's outcome is then read back), never a crash.
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            raise PortalError("answer cut off or not JSON", code="portal_answer_cut", http_status=502) from None
+        if not isinstance(answer, dict):
+            raise PortalError("answer is not a JSON object", code="portal_answer_cut", http_status=502)
+        return answer
 
     def offer(self) -> dict:
         return self._call("GET", "/api/offer")
