@@ -340,7 +340,7 @@ return view.extend({
 
 		// --- Marketplace ---
 		o = s.taboption('mqtt', form.Flag, 'mqtt_enabled', _('Announce offers over MQTT'),
-			_('Publishes this hotspot\'s prices and channel events to an MQTT broker.'));
+			_('Publishes this hotspot\'s prices and channel events to an MQTT broker. Not active in this version: the settings are kept for the release that adds the marketplace.'));
 
 		o = s.taboption('mqtt', form.Value, 'mqtt_broker', _('Broker'), _('host:port'));
 		o.depends('mqtt_enabled', '1');
