@@ -8,7 +8,6 @@ RPC password, no credentials inside a URL.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
@@ -211,5 +210,3 @@ def _mac_argument(mac: object) -> str:
         raise RequestError("mac: required")
     return normalize_mac(mac)  # ClientAddressError for anything else
 
-
-ControlMethod = Callable[..., dict]

@@ -6,6 +6,11 @@ codes are part of the protocol (docs/protocol.md) and never change meaning.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
 
 class BitMeshError(Exception):
     """Base error: `code` is stable and machine-readable, `message` is for people."""
@@ -26,6 +31,19 @@ class BitMeshError(Exception):
 
     def to_json(self) -> dict:
         return {"error": {"code": self.code, "message": self.message}}
+
+
+def answer(what: str, call: Callable[[], dict]) -> tuple[int, dict]:
+    """(status, body) for an operator or client request: `call`'s dict with 200, a
+    BitMeshError as its status and {"error": {"code", "message"}}, anything else logged (with
+    `what`, e.g. the path or ubus method) and answered as internal_error, revealing nothing."""
+    try:
+        return 200, call()
+    except BitMeshError as e:
+        return e.http_status, e.to_json()
+    except Exception:
+        log.exception("unhandled error in %s", what)
+        return 500, {"error": {"code": "internal_error", "message": "internal error"}}
 
 
 class RequestError(BitMeshError):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from bitmesh.channel.state import Channel
 from bitmesh.control import Control, Event, events_for
-from bitmesh.errors import BitMeshError
+from bitmesh.errors import answer
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,7 @@ def call(control: Control, method: str, args: dict | None) -> dict:
     if method not in METHODS:
         return {"error": {"code": "method_unknown", "message": f"no method {method!r}"}}
     wanted = {name: (args or {}).get(name) for name in METHODS[method]}
-    try:
-        return getattr(control, method)(**wanted)
-    except BitMeshError as e:
-        return e.to_json()
-    except Exception:
-        log.exception("ubus %s failed", method)
-        return {"error": {"code": "internal_error", "message": "internal error"}}
+    return answer(f"ubus {method}", lambda: getattr(control, method)(**wanted))[1]
 
 
 class UbusObject:

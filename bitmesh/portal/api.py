@@ -7,7 +7,6 @@ JSON. Every refusal is `{"error": {"code", "message"}}` with a 4xx/5xx status.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +16,9 @@ import bottle
 from bitmesh.channel import wire
 from bitmesh.channel.manager import ChannelManager
 from bitmesh.channel.state import Channel
-from bitmesh.errors import BitMeshError, ChannelError, RequestError
+from bitmesh.errors import ChannelError, RequestError, answer
 from bitmesh.meter import Meter
 from bitmesh.portal.neighbors import NeighborTable
-
-log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
 
@@ -44,16 +41,11 @@ def read_json_body() -> dict:
 
 
 def api_route(handler: Callable[..., dict]) -> Callable[..., bottle.HTTPResponse]:
-    """Runs a handler; its dict becomes a 200 JSON answer, a BitMeshError a JSON error."""
+    """Runs a handler; its dict becomes a 200 JSON answer, a BitMeshError a JSON error
+    (bitmesh.errors.answer, which the ubus object shares)."""
 
     def wrapper(*args, **kwargs):
-        try:
-            return _json(200, handler(*args, **kwargs))
-        except BitMeshError as e:
-            return _json(e.http_status, e.to_json())
-        except Exception:
-            log.exception("unhandled error in %s", bottle.request.path)
-            return _json(500, {"error": {"code": "internal_error", "message": "internal error"}})
+        return _json(*answer(bottle.request.path, lambda: handler(*args, **kwargs)))
 
     wrapper.__name__ = handler.__name__
     return wrapper

@@ -41,9 +41,9 @@ class PortalClient:
         try:
             answer = json.loads(raw)
         except ValueError:
-            raise PortalError("answer cut off or not JSON", code="portal_answer_cut", http_status=502) from None
+            answer = None
         if not isinstance(answer, dict):
-            raise PortalError("answer is not a JSON object", code="portal_answer_cut", http_status=502)
+            raise PortalError("answer cut off or not a JSON object", code="portal_answer_cut", http_status=502)
         return answer
 
     def offer(self) -> dict:

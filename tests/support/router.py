@@ -24,7 +24,7 @@ from pathlib import Path
 from bitcoin.core import CTransaction
 from bitcoin.wallet import CKey
 
-from bitmesh.chain.address import p2wpkh_script
+from bitmesh.chain.address import address_to_script, p2wpkh_script
 from tests.support.bcoin import BcoinNode
 from tests.support.coins import NETWORK, Faucet, key_address, new_key
 from tests.support.netns import Host, Topology
@@ -276,13 +276,6 @@ class Payer:
         return self.proc.wait(timeout)
 
 
-def settlement_outputs(node: BcoinNode, txid: str) -> tuple[CTransaction, int]:
-    """The confirmed settlement and its confirmations."""
-    raw = node.rpc("getrawtransaction", txid, 0)
-    info = node.rpc("getrawtransaction", txid, 1)
-    return CTransaction.deserialize(bytes.fromhex(raw)), int(info.get("confirmations") or 0)
-
-
 @dataclass(frozen=True)
 class Settlement:
     txid: str
@@ -296,9 +289,8 @@ class Settlement:
 def read_settlement(node: BcoinNode, txid: str, deposit: int, refund_address: str,
                     payout_address: str) -> Settlement:
     """The settlement as the node has it, each output told apart by its script."""
-    from bitmesh.chain.address import address_to_script
-
-    tx, confirmations = settlement_outputs(node, txid)
+    info = node.rpc("getrawtransaction", txid, 1)
+    tx, confirmations = CTransaction.deserialize(bytes.fromhex(info["hex"])), int(info.get("confirmations") or 0)
     refund = address_to_script(refund_address, NETWORK)
     payout = address_to_script(payout_address, NETWORK)
     outs = [(o.nValue, bytes(o.scriptPubKey)) for o in tx.vout]
