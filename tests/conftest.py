@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,7 +10,29 @@ import pytest
 
 from tests.support.bcoin import BcoinNode
 from tests.support.coins import Faucet, key_address, new_key
+from tests.support.owrt import userland, why_no_userland
 from tests.support.router import regtest
+
+# CI sets this: there, an `owrt` test that skips (userland not built) is a failure, not a pass.
+REQUIRE_OWRT = os.environ.get("BITMESH_REQUIRE_OWRT") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if userland() is not None:
+        return
+    skip = pytest.mark.skip(reason=why_no_userland())
+    for item in items:
+        if "owrt" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if REQUIRE_OWRT and report.skipped and "owrt" in item.keywords:
+        report.outcome = "failed"
+        report.longrepr = f"owrt test skipped where BITMESH_REQUIRE_OWRT=1: {report.longrepr}"
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +80,11 @@ def hotspot(bcoin: BcoinNode, faucet: Faucet, tmp_path: Path):
     rig = Hotspot.start(bcoin, faucet, tmp_path / "state")
     yield rig
     rig.stop()
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on this machine right now."""
+    from tests.support.bcoin import free_port as pick
+
+    return pick()

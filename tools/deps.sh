@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="nftables iproute2 mosquitto iperf3 chromium curl"
+# build-essential .. openssl: OpenWrt's userland built from source (tools/owrt-userland.sh);
+# busybox: OpenWrt's /bin/sh (ash) for its init scripts under procd.
+APT_PACKAGES="nftables iproute2 mosquitto iperf3 chromium curl build-essential cmake pkg-config libjson-c-dev busybox openssl"
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
@@ -36,4 +38,13 @@ lockhash=$(sha256sum package-lock.json | cut -c1-16)
 if [ ! -f "node_modules/.deps-$lockhash" ]; then
   npm ci --no-audit --no-fund --loglevel=error
   touch "node_modules/.deps-$lockhash"
+fi
+
+# OpenWrt's ubusd, rpcd, uhttpd, procd, libuci and LuCI from ../shared/openwrt-userland (cached in
+# .cache/owrt), and the python3-ubus / python3-uci bindings built against them into the venv.
+# Without the source tarballs the `owrt` tests skip and say why (CI treats that as a failure).
+if [ -d "${OWRT_SOURCES:-../shared/openwrt-userland/sources}" ]; then
+  PIP="$VENV/bin/pip" ./tools/owrt-userland.sh >/dev/null
+else
+  echo "deps: no OpenWrt sources at ${OWRT_SOURCES:-../shared/openwrt-userland/sources}; owrt tests will skip" >&2
 fi
