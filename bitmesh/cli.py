@@ -26,7 +26,8 @@ def _serve(args: argparse.Namespace) -> int:
         print("bitmesh: disabled (set bitmesh.main.enabled=1)", file=sys.stderr)
         return 0
     service = build_service(settings, listen=args.listen, watch_interval=args.watch_interval,
-                            firewall=not args.no_firewall, config_path=Path(args.config), ubus=not args.no_ubus)
+                            firewall=not args.no_firewall, config_path=Path(args.config), ubus=not args.no_ubus,
+                            ubus_socket=args.ubus_socket)
     service.run()
     return 0
 
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--no-firewall", action="store_true",
                        help="development only: serve the channel API without gating anybody")
     serve.add_argument("--no-ubus", action="store_true",
-                       help="do not register the `bitmesh` ubus object (no ubusd here)")
+                       help="do not register the `bitmesh` ubus objects (no ubusd here)")
+    serve.add_argument("--ubus-socket", metavar="PATH",
+                       help="ubusd's socket (default: libubus's, /var/run/ubus/ubus.sock)")
     serve.add_argument("--watch-interval", type=float, default=30.0, help="seconds between chain checks")
     serve.set_defaults(func=_serve)
     from bitmesh.paycli import add_parser as add_pay

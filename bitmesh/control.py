@@ -16,7 +16,7 @@ from bitcoin.core import CTransaction
 
 from bitmesh import __version__
 from bitmesh.channel.state import Channel, Phase
-from bitmesh.errors import BitMeshError, ChainError, RequestError
+from bitmesh.errors import BitMeshError, RequestError
 from bitmesh.firewall.ruleset import normalize_mac
 
 if TYPE_CHECKING:
@@ -96,12 +96,9 @@ class Control:
     def status(self) -> dict:
         s = self.service.settings
         manager = self.service.manager
-        try:
-            tip: int | None = manager.chain_view().tip_height
-            chain_ok = True
-        except ChainError as e:
-            log.warning("status: chain backend unavailable: %s", e)
-            tip, chain_ok = None, False
+        # the chain as the last watch pass saw it: asking the backend here could hold the one
+        # ubus thread (and every other call) through its retries
+        view = manager.last_chain_view
         url = s.esplora_url if s.chain_backend == "esplora" else s.core_rpc_url
         open_channels = [ch for ch in manager.channels() if ch.phase is Phase.OPEN]
         lan = self.service.lan
@@ -114,7 +111,10 @@ class Control:
             "device": lan.device if lan else None,  # ... and its device (e.g. br-lan)
             "portal_url": f"http://{lan.ipv4}:{s.portal_port}/" if lan and lan.ipv4 else None,
             "firewall": self.service.meter.gate is not None,
-            "chain": {"backend": s.chain_backend, "url": redact_url(url), "ok": chain_ok, "tip_height": tip},
+            "chain": {"backend": s.chain_backend, "url": redact_url(url),
+                      "ok": view is not None and manager.chain_error is None,
+                      "tip_height": view.tip_height if view else None,
+                      "checked_at": int(view.taken_at) if view else None, "error": manager.chain_error},
             "clients_online": sum(1 for c in self._client_rows() if c["state"] == "open"),
             "channels_open": len(open_channels),
             "price_sat_per_mb": s.price_sat_per_mb,
@@ -184,7 +184,7 @@ class Control:
         kicked = []
         for ch in manager.channels():
             if ch.client_mac == wanted and ch.phase in (Phase.OPEN, Phase.FUNDING_UNCONFIRMED):
-                manager.close(ch.id, reason="owner_kick")
+                manager.close(ch.id, reason="owner_kick", wait_for_chain=False)
                 kicked.append(ch.id)
         gate = self.service.meter.gate
         if gate is not None and wanted in gate.clients():
@@ -192,17 +192,21 @@ class Control:
         elif not kicked:
             raise BitMeshError(f"no client {wanted} is online", code="client_unknown")
         log.info("owner kicked %s (channels %s)", wanted, ", ".join(kicked) or "none")
+        if kicked:
+            self.service.watch_soon()  # broadcasts the settlements from the timer thread
         return {"kicked": kicked}
 
     def close_channel(self, channel_id: str) -> dict:
         if not isinstance(channel_id, str) or not channel_id:
             raise RequestError("channel_id: required")
-        ch = self.service.manager.close(channel_id, reason="owner_close")
+        ch = self.service.manager.close(channel_id, reason="owner_close", wait_for_chain=False)
+        self.service.watch_soon()
         return {"channel_id": ch.id, "state": ch.phase.value, "settlement_txid": ch.settlement_txid}
 
     def reload(self) -> dict:
-        self.service.reload(strict=True)
-        return {"reloaded": True}
+        """Re-read the config now; `restart_required` names the changed options that only a
+        restart applies (`/etc/init.d/bitmesh reload` restarts for those by itself)."""
+        return {"reloaded": True, "restart_required": self.service.reload(strict=True)}
 
 
 def _mac_argument(mac: object) -> str:

@@ -1,26 +1,19 @@
-"""The control plane's pure parts and the ubus adapter's dispatch, without ubusd. The running
-service's ubus object (status, kick, reload, earnings, events) is tested end to end in
-tests/test_hotspot_netns.py::test_owner_controls_the_hotspot_over_ubus."""
+"""The control plane's pure parts and the ubus adapter's dispatch, without ubusd. The objects on
+OpenWrt's real ubusd, rpcd and uhttpd are tests/test_ubus_owrt.py; the running hotspot's
+(status, kick, reload, earnings, events) tests/test_hotspot_netns.py::test_owner_controls_the_hotspot_over_ubus."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
-from pathlib import Path
-
-import pytest
 from bitcoin.core import COutPoint, CTransaction, CTxIn, CTxOut, lx
 
 from bitmesh.channel.contract import Outpoint
 from bitmesh.channel.state import Channel, Phase
 from bitmesh.control import Control, events_for, payout_of, redact_url
 from bitmesh.errors import ChannelError
-from bitmesh.ubus_object import METHODS, UbusObject, call
+from bitmesh.ubus_object import METHODS, call, signatures
 
 REFUND = b"\x00\x14" + b"\x11" * 20
 PAYOUT = b"\x00\x14" + b"\x22" * 20
-FAKE_UBUS = Path(__file__).parent / "support" / "fake_ubus" / "ubus.py"
 
 
 def _channel(**changes) -> Channel:
@@ -86,7 +79,7 @@ class _Stub:
 
 def test_call_passes_only_declared_arguments_and_answers_errors_as_json():
     stub = _Stub()
-    assert call(stub, "status", {"unexpected": 1}) == {"running": True}
+    assert call(stub, "status", {"ubus_rpc_session": "0123"}) == {"running": True}  # LuCI's object
     assert call(stub, "close_channel", {"channel_id": "x", "other": 2}) == {
         "error": {"code": "channel_unknown", "message": "no channel 'x'"}}
     assert stub.calls == ["x"]
@@ -101,41 +94,5 @@ def test_every_ubus_method_is_a_control_method_with_the_same_arguments():
         params = list(inspect.signature(getattr(Control, name)).parameters)[1:]
         assert params == list(args), name
         assert set(args.values()) <= {"string", "int32", "bool"}
-
-
-@pytest.fixture
-def fake_ubus(tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_UBUS_DIR", str(tmp_path))
-    spec = importlib.util.spec_from_file_location("fake_ubus_module", FAKE_UBUS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setitem(sys.modules, "fake_ubus_module", module)
-    return module
-
-
-def test_adapter_registers_every_method_serves_calls_and_sends_queued_events(fake_ubus, tmp_path):
-    import socket
-
-    class _Service:
-        class manager:  # noqa: N801 - a stand-in namespace
-            listeners: list = []
-
-    stub = _Stub()
-    stub.service = _Service
-    obj = UbusObject(stub, ubus_module=fake_ubus)
-    obj.start()
-    try:
-        assert set(fake_ubus._objects["bitmesh"]) == set(METHODS)
-        assert fake_ubus._objects["bitmesh"]["kick"]["signature"] == {"mac": fake_ubus.BLOBMSG_TYPE_STRING}
-        assert _Service.manager.listeners == [obj.on_channel]
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(tmp_path / "ubus.sock"))
-            s.sendall(json.dumps({"object": "bitmesh", "method": "status", "args": {}}).encode() + b"\n")
-            assert json.loads(s.makefile().readline()) == {"running": True}
-        opened = _channel(phase=Phase.OPEN)
-        obj.on_channel(opened, _channel(phase=Phase.AWAITING_FUNDING))
-    finally:
-        obj.stop()
-    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-    assert events == [{"bitmesh.session.start": {"channel_id": "c1", "mac": "02:00:00:00:00:01",
-                                                 "ip": "10.0.0.5", "deposit": 50_000}}]
+    assert signatures(False) == METHODS
+    assert all(args == {**METHODS[m], "ubus_rpc_session": "string"} for m, args in signatures(True).items())

@@ -35,6 +35,7 @@ Listener = Callable[[Channel, Channel | None], None]  # (new, previous)
 class ChainView:
     tip_height: int
     mtp: int
+    taken_at: float = 0.0  # clock() when the backend answered
 
 
 class ChannelManager:
@@ -59,6 +60,8 @@ class ChannelManager:
         self._channels: dict[str, Channel] = ledger.load()
         self._next_key_index = max((ch.key_index for ch in self._channels.values()), default=-1) + 1
         self._view: ChainView | None = None
+        self.chain_error: str | None = None  # why the last chain refresh failed; None after a success
+        self._last_feerate: float | None = None
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -73,7 +76,17 @@ class ChannelManager:
 
     def chain_view(self, refresh: bool = False) -> ChainView:
         if refresh or self._view is None:
-            self._view = ChainView(self.chain.tip_height(), self.chain.median_time_past())
+            try:
+                self._view = ChainView(self.chain.tip_height(), self.chain.median_time_past(), self.clock())
+            except ChainError as e:
+                self.chain_error = e.message
+                raise
+            self.chain_error = None
+        return self._view
+
+    @property
+    def last_chain_view(self) -> ChainView | None:
+        """The chain as last seen, without asking the backend (for status pages)."""
         return self._view
 
     # --- state changes ---------------------------------------------------------------------
@@ -169,9 +182,11 @@ class ChannelManager:
                 self._channels[channel_id] = channel
             return channel
 
-    def close(self, channel_id: str, reason: str = "client_close") -> Channel:
+    def close(self, channel_id: str, reason: str = "client_close", wait_for_chain: bool = True) -> Channel:
         """Settle now: sign, persist, broadcast. A broadcast failure leaves the settlement
-        pending; watch() rebroadcasts it until it confirms."""
+        pending; watch() rebroadcasts it until it confirms. Without `wait_for_chain` (the owner's
+        control plane: one thread serves every call) the fee is the last one estimated and the
+        broadcast is left to the next watch() pass."""
         with self._lock:
             channel = self.get(channel_id)
             if channel.phase in (Phase.SETTLING, Phase.SETTLED):
@@ -180,7 +195,7 @@ class ChannelManager:
                 raise ChannelError(f"channel is {channel.phase.value}", code="channel_not_open")
             if not channel.paid:
                 return self._commit(channel.evolve(phase=Phase.EXPIRED, close_reason=f"{reason}_unpaid"))
-            feerate = self._feerate()
+            feerate = self._feerate() if wait_for_chain else (self._last_feerate or FALLBACK_FEERATE_SAT_VB)
             owed = max(0, min(self.owed(channel), channel.paid))
             tx = rules.build_settlement(channel, self.policy, self.keychain.key(channel.key_index), owed, feerate)
             settling = self._commit(
@@ -192,14 +207,16 @@ class ChannelManager:
                     close_reason=reason,
                 )
             )
-        self._broadcast_settlement(settling)
+        if wait_for_chain:
+            self._broadcast_settlement(settling)
         return settling
 
     def _feerate(self) -> float:
         try:
-            return self.chain.estimate_feerate()
+            self._last_feerate = self.chain.estimate_feerate()
+            return self._last_feerate
         except ChainError:
-            return FALLBACK_FEERATE_SAT_VB
+            return self._last_feerate or FALLBACK_FEERATE_SAT_VB
 
     def _broadcast_settlement(self, channel: Channel) -> None:
         try:
@@ -215,6 +232,8 @@ class ChannelManager:
     def watch(self) -> None:
         """One pass over every live channel. Safe to call at any time; idempotent."""
         view = self.chain_view(refresh=True)
+        if any(ch.phase is Phase.OPEN for ch in self._channels.values()):
+            self._feerate()  # kept for closes that cannot wait for the backend
         for channel in self.channels():
             if channel.phase.final:
                 continue

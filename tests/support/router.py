@@ -12,7 +12,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from bitmesh.chain.address import address_to_script, p2wpkh_script
 from tests.support.bcoin import BcoinNode
 from tests.support.coins import NETWORK, Faucet, key_address, new_key
 from tests.support.netns import Host, Topology
+from tests.support.owrt import OwrtRoot
 
 REPO = Path(__file__).resolve().parents[2]
 PORTAL_PORT = 8088
@@ -119,12 +119,15 @@ class RouterService:
     workdir: Path
     options: dict[str, object] = field(default_factory=dict)
     payout_address: str = field(default_factory=lambda: key_address(new_key()))
-    with_ubus: bool = False  # register the ubus object with tests/support/fake_ubus standing in for ubusd
+    with_ubus: bool = False  # register the ubus objects with OpenWrt's real ubusd (tests/support/owrt.py)
     proc: subprocess.Popen | None = None
+    owrt: OwrtRoot | None = None  # where ubusd runs, with_ubus
+    _listener: subprocess.Popen | None = None  # `ubus listen 'bitmesh.*'`
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config = self.workdir / "bitmesh.uci"
+        self.config = self.workdir / "config" / "bitmesh"  # a UCI file is named like its package
+        self.config.parent.mkdir(exist_ok=True)
         self.log = self.workdir / "service.log"
         self.config.write_text(uci_config({
             **ROUTER_OPTIONS,
@@ -149,8 +152,11 @@ class RouterService:
         argv = ["ip", "netns", "exec", self.topo.router.ns, sys.executable, "-m", "bitmesh.cli", "serve",
                 "--config", str(self.config), "--watch-interval", "1"]
         if self.with_ubus:
-            self.ubus_dir.mkdir(exist_ok=True)
-            env.update(PYTHONPATH=str(REPO / "tests" / "support" / "fake_ubus"), FAKE_UBUS_DIR=str(self.ubus_dir))
+            if self.owrt is None:
+                self.owrt = OwrtRoot(self.workdir / "owrt").start()
+                self.owrt.start_ubusd()
+                self._listener = self.owrt.popen(["ubus", "listen", "bitmesh.*"], log="/tmp/log/events.jsonl")
+            argv += ["--ubus-socket", str(self.owrt.ubus_socket)]
         else:
             argv.append("--no-ubus")
         with self.log.open("ab") as log:
@@ -163,26 +169,21 @@ class RouterService:
             raise RuntimeError(f"service did not come up:\n{self.log.read_text()[-3000:]}") from None
         return self
 
-    @property
-    def ubus_dir(self) -> Path:
-        return self.workdir / "ubus"
-
     def ubus_call(self, method: str, **args) -> dict:
-        """`ubus call bitmesh METHOD ARGS` through the fake ubusd (a Unix socket, reachable
-        from any namespace)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(30)
-            s.connect(str(self.ubus_dir / "ubus.sock"))
-            with s.makefile("rw") as f:
-                f.write(json.dumps({"object": "bitmesh", "method": method, "args": args}) + "\n")
-                f.flush()
-                return json.loads(f.readline())
+        """`ubus call bitmesh METHOD ARGS` with OpenWrt's ubus command line; a call ubus itself
+        refuses (e.g. Invalid argument) raises UbusCallError."""
+        assert self.owrt is not None, "started without ubus"
+        p = self.owrt.ubus("call", "bitmesh", method, json.dumps(args))
+        if p.returncode != 0:  # the command line exits with minus the ubus status
+            raise UbusCallError(-p.returncode % 256, p.stderr.strip().splitlines()[0])
+        return json.loads(p.stdout)
 
     def ubus_events(self) -> list[tuple[str, dict]]:
-        """What `ubus listen 'bitmesh.*'` would have printed so far."""
-        path = self.ubus_dir / "events.jsonl"
+        """What `ubus listen 'bitmesh.*'` printed so far."""
+        assert self.owrt is not None, "started without ubus"
+        path = self.owrt.host_path("/tmp/log/events.jsonl")
         lines = path.read_text().splitlines() if path.exists() else []
-        return [next(iter(json.loads(line).items())) for line in lines]
+        return [next(iter(json.loads(line).items())) for line in lines if line.strip()]
 
     def kill(self) -> None:
         """SIGKILL: no clean-up at all (what a crash or the OOM killer does)."""
@@ -198,6 +199,18 @@ class RouterService:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.owrt is not None:
+            self.owrt.stop()
+            self.owrt = None
+
+
+class UbusCallError(Exception):
+    """`ubus call` failed before the service answered: ubus status (2 = Invalid argument ...)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"ubus status {status}: {message}")
+        self.status = status
+        self.message = message
 
 
 def funding_key(faucet: Faucet, sats: int) -> tuple[str, str]:
