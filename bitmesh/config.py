@@ -355,4 +355,4 @@ def load_settings(path: str | Path) -> Settings:
         if not candidates:
             raise ConfigError(f"{path}: no 'config {SECTION_TYPE} {SECTION_NAME!r}' section")
         section = candidates[0]
-    return Settings.from_dict(section.values())
+    return Settings.from_dict(section.values)

@@ -93,7 +93,7 @@ class ServiceProcess:
 
 def test_sigkill_between_payments_loses_no_acknowledged_payment(bcoin, faucet, tmp_path):
     port = free_port()
-    config = tmp_path / "bitmesh.uci"
+    config = tmp_path / "bitmesh"  # a UCI file is named like its package
     _write_config(config, bcoin, tmp_path / "state", port)
     service = ServiceProcess(config, port, tmp_path / "service.log")
     service.start()

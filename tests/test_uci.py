@@ -1,16 +1,21 @@
-"""UCI parsing on real file syntax, and validation of the bitmesh settings."""
+"""UCI files read through libuci (the python3-uci binding), checked against OpenWrt's own `uci`
+command line, and validation of the bitmesh settings."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
+import uci as pyuci  # python3-uci, built against OpenWrt's libuci
 
 from bitmesh import uci
 from bitmesh.config import Settings, load_settings
 from bitmesh.errors import ConfigError
+from tests.support.owrt import userland
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "files" / "etc" / "config" / "bitmesh"
@@ -44,48 +49,93 @@ config bitmesh 'main'
 """
 
 
-def test_parse_sections_options_lists_quotes_comments():
-    pkg = uci.parse(SAMPLE)
-    assert pkg.name == "bitmesh"
-    assert [(s.type, s.name) for s in pkg.sections] == [("bitmesh", "main"), ("peer", None), ("peer", None)]
+def _uci_show(path: Path) -> dict[str, str]:
+    """What OpenWrt's own `uci` command line (built from source) prints for the file."""
+    tool = userland() / "usr" / "bin" / "uci"
+    out = subprocess.run([str(tool), "-c", str(path.parent), "show", path.name], capture_output=True, text=True,
+                         check=True).stdout
+    entries = re.split(rf"\n(?={re.escape(path.name)}\.)", out.rstrip("\n"))  # values may span lines
+    return dict(entry.split("=", 1) for entry in entries)
+
+
+def _as_uci_show(pkg: uci.UciPackage) -> dict[str, str]:
+    """The same package in `uci show`'s notation."""
+    def quoted(v: str) -> str:
+        return "'" + v.replace("'", "'\\''") + "'"
+
+    out = {}
+    for s in pkg.sections:
+        out[f"{pkg.name}.{s.name}"] = s.type
+        for k, v in s.values.items():
+            out[f"{pkg.name}.{s.name}.{k}"] = " ".join(map(quoted, v)) if isinstance(v, list) else quoted(v)
+    return out
+
+
+@pytest.mark.owrt
+def test_the_service_reads_what_libuci_and_the_uci_command_read(tmp_path):
+    path = _write(tmp_path, SAMPLE)
+    pkg = uci.load(path)
+    assert _as_uci_show(pkg) == {k.replace("@peer[0]", pkg.sections[1].name).replace("@peer[1]",
+                                 pkg.sections[2].name): v for k, v in _uci_show(path).items()}
     main = pkg.section("main")
-    assert main.options["enabled"] == "1"
-    assert main.options["portal_title"] == 'Caf"e \\ Wi-Fi'
-    assert main.options["portal_text"] == 'single $quoted "text" \\n stays literal'
-    assert main.options["glued"] == "abc"
-    assert main.options["hash"] == "value#not-a-comment"
-    assert main.options["interface"] == "guest"  # a repeated named section is merged
-    assert main.lists["walled_garden_host"] == ["mempool.space", "blockstream.info", "10.0.0.1"]
-    peers = pkg.sections_of("peer")
-    assert [p.index for p in peers] == [0, 1] and all(p.anonymous for p in peers)
-    assert peers[1].options["name"] == "second line\ncontinues here"
-    assert main.values()["walled_garden_host"] == ["mempool.space", "blockstream.info", "10.0.0.1"]
+    assert [(s.type, s.name == "main") for s in pkg.sections] == [("bitmesh", True), ("peer", False), ("peer", False)]
+    assert main.values["portal_title"] == 'Caf"e \\ Wi-Fi'
+    assert main.values["glued"] == "abc"
+    assert main.values["interface"] == "guest"  # a repeated named section is merged
+    assert main.values["walled_garden_host"] == ["mempool.space", "blockstream.info", "10.0.0.1"]
 
 
-def test_option_and_list_replace_each_other_like_libuci():
-    pkg = uci.parse("config t 's'\n\toption a x\n\tlist a y\n\tlist b 1\n\toption b 2\n")
-    s = pkg.section("s")
-    assert s.lists == {"a": ["x", "y"]} and s.options == {"b": "2"}
+@pytest.mark.owrt
+@pytest.mark.parametrize("line, value", [
+    ("option payout_address bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4#x", ADDR),  # '#' in a word: a comment
+    ("option payout_address 'bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4#x'", ADDR + "#x"),
+    ("option portal_title ''", None),  # an empty value sets nothing: the default applies
+    ("option portal_title", None),  # no value: sets nothing
+], ids=["hash-in-word", "hash-quoted", "empty", "no-value"])
+def test_libuci_rules_the_hand_parser_got_wrong(tmp_path, line, value):
+    path = _write(tmp_path, f"config bitmesh 'main'\n\t{line}\n")
+    name = line.split()[1]
+    assert uci.load(path).section("main").values.get(name) == value
+    shown = _uci_show(path).get(f"bitmesh.main.{name}")
+    assert (shown.strip("'") if shown else None) == value
+    if value is None:
+        assert load_settings(path).portal_title == Settings().portal_title
+
+
+def test_option_and_list_replace_each_other_like_libuci(tmp_path):
+    s = uci.load(_write(tmp_path, "config t 's'\n\toption a x\n\tlist a y\n\tlist b 1\n\toption b 2\n")).section("s")
+    assert s.values == {"a": ["x", "y"], "b": "2"}
 
 
 @pytest.mark.parametrize(
     "text, fragment",
     [
-        ("option a b\n", "outside"),
-        ("config t 's'\n\toption a 'unterminated\n", "single quote"),
-        ('config t \'s\'\n\toption a "unterminated\n', "double quote"),
-        ("config t 's'\n\toption 'bad-name' x\n", "invalid option name"),
-        ("config t 'bad name'\n", "invalid section name"),
-        ("config t 's'\n\toption a\n", "takes a name and one value"),
-        ("config t 's'\n\toption a b c\n", "takes a name and one value"),
-        ("config t 's'\n\tbogus a b\n", "unknown keyword"),
+        ("option a b\n", "parse error at line 1"),
+        ("config t 's'\n\toption a 'unterminated\n", "parse error at line 2"),
+        ("config t 's'\n\toption a b c\n", "parse error at line 2"),
+        ("config t 's'\n\tbogus a b\n", "parse error at line 2"),
     ],
 )
-def test_syntax_errors_name_the_line(text, fragment):
+def test_a_file_libuci_refuses_is_a_config_error(tmp_path, monkeypatch, text, fragment):
+    """The message names the line where OpenWrt's `uci` tool is installed (on a router: always)."""
+    monkeypatch.setenv("PATH", f"{userland() / 'usr' / 'bin'}:{os.environ['PATH']}")
     with pytest.raises(ConfigError) as e:
-        uci.parse(text)
-    assert fragment in str(e.value) and re.search(r"line \d+", str(e.value))
+        uci.load(_write(tmp_path, text))
+    assert fragment in str(e.value), str(e.value)
     assert e.value.code == "config_invalid"
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ConfigError, match="libuci cannot parse"):
+        uci.load(_write(tmp_path, text))
+
+
+def test_only_committed_values_count(tmp_path):
+    """LuCI stages changes as libuci deltas in /tmp/.uci until Save & Apply: the service ignores them."""
+    path = _write(tmp_path, f"config bitmesh 'main'\n\toption payout_address '{ADDR}'\n")
+    with pyuci.Uci(confdir=str(tmp_path), savedir=str(tmp_path / "deltas")) as staging:
+        staging.set("bitmesh", "main", "payout_address", "staged")
+        staging.save("bitmesh")
+    assert (tmp_path / "deltas" / "bitmesh").exists()
+    assert uci.load(path).section("main").values["payout_address"] == ADDR
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -112,8 +162,12 @@ def test_shipped_config_parses_and_needs_a_payout_address_to_be_enabled(tmp_path
         load_settings(_shipped_with(tmp_path, enabled=1))
     s = load_settings(_shipped_with(tmp_path, payout_address=ADDR))
     defaults = Settings()
-    # the shipped file states every option, with the same values as the dataclass defaults
-    assert set(main.values()) | {"walled_garden_host"} == {f.name for f in dataclasses.fields(Settings)}
+    # the shipped file states every option, with the same values as the dataclass defaults (libuci
+    # drops the ones set to '')
+    stated = set(re.findall(r"^\s*#?\s*(?:option|list) (\w+)", SHIPPED.read_text(), re.M))
+    assert stated == {f.name for f in dataclasses.fields(Settings)}
+    assert set(stated) - set(main.values) == {"walled_garden_host", "core_rpc_user", "core_rpc_password",
+                                                "payout_address"}
     assert dataclasses.replace(s, payout_address="") == defaults
     assert s.enabled is False and s.mqtt_enabled is False and s.payout_address == ADDR
 
@@ -159,7 +213,7 @@ BAD = [
     ("payout_address", "tb1qw508d6qejxtdg4y5r3zarvary0c5xw7kxpjzsx", "not a valid address"),
     ("state_dir", "relative/dir", "absolute path"),
     ("portal_port", "70000", "65535"),
-    ("portal_title", "", "empty"),
+    ("portal_title", "   ", "empty"),
     ("walled_garden_host", "http://x.org/", "host name"),
     ("mqtt_broker", "localhost", "host:port"),
     ("mqtt_topic_prefix", "bit/#", "wildcards"),
