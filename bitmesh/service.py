@@ -3,11 +3,13 @@
 One process, a few threads: the HTTP servers' per-connection threads and one timer thread
 that meters every `meter_interval` seconds and follows the chain every `watch_interval`
 (never a busy loop). SIGHUP reloads the config (new prices apply to new channels; paid
-clients stay online); SIGTERM stops and removes the firewall table.
+clients stay online); the options in RESTART_OPTIONS only take effect at the next start, and a
+reload names those that changed. SIGTERM stops and removes the firewall table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -85,6 +87,26 @@ def firewall_from_settings(settings: Settings, lan: Lan) -> FirewallConfig:
     )
 
 
+# Options a running service cannot take over on SIGHUP: the portal's sockets and the URL it
+# redirects to, the splash texts rendered into the portal, the LAN it gates, the bitcoin network,
+# the chain backend and its credentials, the folder of keys and journal; `enabled` 0 means stop.
+# files/etc/init.d/bitmesh restarts the service when one of these changes (its RESTART_OPTIONS
+# lists the same names but `enabled`; tests/test_init_script.py checks).
+RESTART_OPTIONS = (
+    "enabled", "interface", "network", "chain_backend", "esplora_url", "core_rpc_url", "core_rpc_user",
+    "core_rpc_password", "state_dir", "portal_port", "portal_title", "portal_text",
+)
+
+
+# Left by `/etc/init.d/bitmesh stop` (not by a restart): the service then removes its table on exit.
+STOP_MARKER = Path("/var/run/bitmesh.stop")
+
+
+def restart_required(running: Settings, new: Settings) -> list[str]:
+    """The options that differ between the running settings and `new` but only a restart applies."""
+    return [name for name in RESTART_OPTIONS if getattr(running, name) != getattr(new, name)]
+
+
 @dataclass
 class Service:
     settings: Settings
@@ -95,29 +117,39 @@ class Service:
     config_path: Path | None = None
     watch_interval: float = 30.0
     meter_interval: float = 2.0
-    ubus: bool = False  # register the `bitmesh` ubus object (OpenWrt: python3-ubus, ubusd)
+    ubus: bool = False  # register the `bitmesh` ubus objects (OpenWrt: python3-ubus, ubusd)
+    ubus_socket: str | None = None  # ubusd's socket; None: libubus's default
     _ubus_object: UbusObject | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _wake: threading.Event = field(default_factory=threading.Event)
+    _next_watch: float = 0.0  # monotonic time of the next chain watch pass
+    _reload_lock: threading.Lock = field(default_factory=threading.Lock)
+    _restart_required: tuple[str, ...] = ()
+
+    def watch_soon(self) -> None:
+        """Run a chain watch pass now (e.g. to broadcast a settlement the owner just signed)."""
+        self._next_watch = 0.0
+        self._wake.set()
 
     def _timer_loop(self) -> None:
-        next_watch = 0.0
         while not self._stop.is_set():
             try:
                 self.meter.tick()
             except Exception:
                 log.exception("metering pass failed")
-            if time.monotonic() >= next_watch:
+            if time.monotonic() >= self._next_watch:
+                self._next_watch = time.monotonic() + self.watch_interval
                 try:
                     self.manager.watch()
                 except Exception:
                     log.exception("chain watch failed; next pass in %.0f s", self.watch_interval)
-                next_watch = time.monotonic() + self.watch_interval
             self._wake.wait(min(self.meter_interval, self.watch_interval))
             self._wake.clear()
 
     def start(self) -> None:
         self.meter.restore()
+        if self.meter.gate is not None:
+            self.meter.gate.watch()  # fw4 flush & co.: the table is back within milliseconds
         if self.ubus:
             self._start_ubus()
         threading.Thread(target=self._timer_loop, name="timer", daemon=True).start()
@@ -126,12 +158,12 @@ class Service:
             log.info("portal listening on port %d", server.port)
 
     def _start_ubus(self) -> None:
-        obj = UbusObject(Control(self))
+        obj = UbusObject(Control(self), socket_path=self.ubus_socket)
         try:
             obj.start()
-        except (ImportError, OSError, RuntimeError) as e:
-            # No ubusd (a Debian box, a test): the portal and the gate work without it.
-            log.warning("ubus object not registered (%s); LuCI status and `ubus call bitmesh` unavailable", e)
+        except ImportError as e:
+            # No python3-ubus (a Debian box): the portal and the gate work without it.
+            log.warning("ubus objects not registered (%s); LuCI status and `ubus call bitmesh` unavailable", e)
             return
         self._ubus_object = obj
 
@@ -140,53 +172,116 @@ class Service:
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.reload, daemon=True).start())
+        STOP_MARKER.unlink(missing_ok=True)  # a stop asked for before this start is done with
         self.start()
+        self._reload_if_changed()
         self._stop.wait()
-        self.shutdown()
+        self.shutdown(keep_table=self._exiting_for_a_restart())
 
-    def reload(self, strict: bool = False) -> None:
-        """Re-read the config. Prices and terms apply to channels opened from now on; paid
-        clients keep their access and their counted bytes. A bad config keeps the old one
-        (logged; with `strict`, also raised as ConfigError for the caller to show)."""
+    def _exiting_for_a_restart(self) -> bool:
+        """SIGTERM comes for a restart (procd applying a changed option, `restart`, an upgrade) or
+        for a stop (`/etc/init.d/bitmesh stop`, which leaves STOP_MARKER, or Enable unticked). Only
+        a stop may open the LAN; across a restart the table stays (fail-closed)."""
+        if STOP_MARKER.exists():
+            STOP_MARKER.unlink(missing_ok=True)
+            return False
+        if self.config_path is None:
+            return False
+        try:
+            return load_settings(self.config_path).enabled
+        except Exception:
+            return True  # unreadable now: keep clients captive rather than open the LAN
+
+    @property
+    def restart_required(self) -> list[str]:
+        """Options changed in the config since the start that only a restart applies (they keep
+        their running values until then)."""
+        return list(self._restart_required)
+
+    def reload(self, strict: bool = False) -> list[str]:
+        """Re-read the config (SIGHUP, `ubus call bitmesh reload`). Prices and terms apply to
+        channels opened from now on; paid clients keep their access and their counted bytes.
+        Options in RESTART_OPTIONS keep their running values: the ones that changed are logged
+        and returned (also `restart_required`), for the caller to restart the service. A bad
+        config keeps the old one (logged; with `strict`, also raised as ConfigError)."""
+        with self._reload_lock:  # two HUPs in a row: one reload after the other
+            return self._reload(strict)
+
+    def _reload(self, strict: bool) -> list[str]:
         if self.config_path is None:
             if strict:
                 raise ConfigError("the service runs without a config file: nothing to reload")
-            return
+            return []
         try:
-            settings = load_settings(self.config_path)
-            policy = policy_from_settings(settings)
-            lan = resolve_lan(settings.interface) if self.meter.gate else None
+            new = load_settings(self.config_path)
+            policy_from_settings(new)
         except Exception as e:
-            log.error("reload refused, keeping the running config: %s", e)
+            log.error("reload refused, keeping the running config: config_invalid: %s", e)
             if strict and isinstance(e, ConfigError):
                 raise
             if strict:
                 raise ConfigError(str(e)) from e
-            return
+            return self.restart_required
+        pending = restart_required(self.settings, new)
+        # What runs from now on: the new values, but the running ones where only a restart helps.
+        applied = dataclasses.replace(new, **{name: getattr(self.settings, name) for name in pending})
+        gate = self.meter.gate
+        try:
+            policy = policy_from_settings(applied)
+            firewall = firewall_from_settings(applied, self.lan) if gate is not None and self.lan else None
+        except Exception as e:  # e.g. a payout address of the new network while the old one runs
+            self._restart_required = tuple(pending)
+            log.warning("config not reloaded: it only fits after a restart (%s): restart required for %s", e,
+                        ", ".join(pending))
+            return pending
         self.manager.policy = policy
-        self.settings = settings
-        if self.meter.gate is not None and lan is not None:
-            self.meter.gate.reload(firewall_from_settings(settings, lan))
-            self.lan = lan
-        log.info("config reloaded")
+        self.settings = applied
+        if firewall is not None and gate is not None and firewall != gate.config:
+            gate.reload(firewall)  # walled garden: one atomic replace, counters carried
+        self._restart_required = tuple(pending)
+        if pending:
+            log.warning("config reloaded; a restart is required to apply %s (/etc/init.d/bitmesh restart)",
+                        ", ".join(pending))
+        else:
+            log.info("config reloaded")
+        return pending
+
+    def _reload_if_changed(self) -> None:
+        """The init script sends no SIGHUP before our handler is installed (it would kill us), so
+        a change saved while we were starting is picked up here: reload if the file changed since
+        it was read at start."""
+        if self.config_path is None:
+            return
+        try:
+            changed = load_settings(self.config_path) != self.settings
+        except Exception:
+            changed = True  # reload() logs what is wrong with it
+        if changed:
+            self.reload()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
 
-    def shutdown(self) -> None:
+    def shutdown(self, keep_table: bool = False) -> None:
+        """Stop serving. The firewall table is removed (the LAN is open again), or with
+        `keep_table` left for the next process to take over."""
+        gate = self.meter.gate
+        if gate is not None and keep_table:
+            gate.detach()  # first: nothing restores or changes the table from here on
+            log.info("exiting for a restart: table inet bitmesh stays loaded meanwhile")
         if self._ubus_object is not None:
             self._ubus_object.stop()
         for server in self.servers:
             server.stop()
-        if self.meter.gate is not None:
-            self.meter.gate.stop()
+        if gate is not None and not keep_table:
+            gate.stop()
         self.manager.ledger.close()
 
 
 def build_service(settings: Settings, listen: list[tuple[str, int]] | None = None, watch_interval: float = 30.0,
                   chain: ChainBackend | None = None, firewall: bool = True, config_path: Path | None = None,
-                  nft: Nft | None = None, ubus: bool = False) -> Service:
+                  nft: Nft | None = None, ubus: bool = False, ubus_socket: str | None = None) -> Service:
     """`listen` defaults to the LAN addresses only: the portal is never served to the WAN."""
     state_dir = Path(settings.state_dir)
     keychain = ChannelKeychain(load_or_create_seed(state_dir / "seed"))
@@ -203,4 +298,4 @@ def build_service(settings: Settings, listen: list[tuple[str, int]] | None = Non
     app = make_app(manager, node_id, meter, info=PortalInfo(settings.portal_title, settings.portal_text, url))
     servers = [HttpServer(app, host, port) for host, port in listen]
     return Service(settings, manager, meter, servers, lan=lan, config_path=config_path,
-                   watch_interval=watch_interval, ubus=ubus)
+                   watch_interval=watch_interval, ubus=ubus, ubus_socket=ubus_socket)

@@ -8,11 +8,21 @@ Used bytes survive every replace: on nft 1.0.6 there is no `reset element`, and 
 or a set element cannot be changed in place portably, so a replace reads the live counters
 first and writes them back into the new element (`counter packets 0 bytes N`) and the new quota
 object (`used N`) within the same batch that removes the old ones.
+
+The table can vanish under us: `/etc/init.d/firewall stop` runs `fw4 flush`, which deletes every
+table (`nft delete table` for each line of `nft list tables`), and so do `nft flush ruleset` and a
+plain `nft delete table inet bitmesh`. Without the table every client passes (fail-open). Once
+loaded, the gate puts it back by itself, atomically, with every paid client's grant and the bytes
+last counted for it: at once when `TableWatch` (`nft -j monitor tables`) reports the deletion, and
+at the latest on the meter's next read or the next grant, which find the table missing.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import logging
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +44,8 @@ from bitmesh.firewall.ruleset import (
     render,
     render_delete,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,9 @@ class Gate:
         self._clients: dict[str, PaidClient] = {}
         self._seen: dict[str, tuple[int, int]] = {}  # last (up, down) observed per MAC
         self._lock = threading.RLock()
+        self._loaded = False  # start()/reload() put the table in and stop() has not removed it
+        self._watch: TableWatch | None = None
+        self.restores = 0  # times the table was found missing and put back
 
     # -- whole table ------------------------------------------------------------------------
 
@@ -128,6 +143,7 @@ class Gate:
             self.nft.load(render(self.config, cl, self.clock()))
             self._clients = {c.mac: c for c in cl}
             self._seen = {c.mac: (c.used_up, c.used_down) for c in cl}
+            self._loaded = True
 
     def reload(self, config: FirewallConfig | None = None, clients: Iterable[PaidClient] | None = None) -> None:
         """Atomically replace the table with a new config and/or client list. Bytes the kernel
@@ -145,13 +161,44 @@ class Gate:
             self.config = config
             self._clients = {c.mac: c for c in carried}
             self._seen = {c.mac: (c.used_up, c.used_down) for c in carried}
+            self._loaded = True
 
     def stop(self) -> None:
         """Remove the table (and with it every rule, set and quota of ours). Idempotent."""
         with self._lock:
+            self._loaded = False  # from now on a missing table is meant to be missing
             self.nft.load(render_delete())
             self._clients.clear()
             self._seen.clear()
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+
+    def detach(self) -> None:
+        """Leave the table in the kernel as it is and stop looking after it (the service exits
+        for a restart: paid clients keep their grants, unpaid ones stay captive, and the next
+        process takes the table over with its counts)."""
+        with self._lock:
+            self._loaded = False
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+
+    def watch(self) -> None:
+        """Follow the kernel's table events (`nft -j monitor tables`) and put the table back
+        the moment something else deletes it. Ends with stop()."""
+        if self._watch is None:
+            self._watch = TableWatch(self.nft.argv, self.ensure)
+            self._watch.start()
+
+    def ensure(self) -> bool:
+        """Put the table back if it was loaded and something removed it (fw4 flush, `nft flush
+        ruleset`); True if it did. One `nft` run when the table is there."""
+        with self._lock:
+            if not self._loaded or self.nft.table_exists(FAMILY, TABLE):
+                return False
+            self._restore()
+            return True
 
     # -- clients ----------------------------------------------------------------------------
 
@@ -201,9 +248,13 @@ class Gate:
             return final[0]
 
     def usage(self) -> dict[str, ClientUsage]:
-        """Usage of every paid client from one `nft -j list table` read."""
+        """Usage of every paid client from one `nft -j list table` read (the table is put back
+        first if it went missing)."""
         with self._lock:
             st = self._read()
+            if not st.exists and self._loaded:
+                self._restore()
+                st = self._read()
             return {mac: self._usage_of(c, st) for mac, c in self._clients.items()}
 
     # -- internals --------------------------------------------------------------------------
@@ -215,6 +266,22 @@ class Gate:
             if not self.nft.table_exists(FAMILY, TABLE):
                 return _State(up={}, down={}, maps={}, quotas={}, exists=False)
             raise
+
+    def _restore(self) -> None:
+        """The table is gone with its counters: load it again, atomically and fail-closed (the
+        whole captive ruleset), with every paid client's grant and the bytes last counted for it
+        (what a client used since that last read is lost with the kernel's counters)."""
+        t0 = time.monotonic()
+        clients = []
+        for c in self._clients.values():
+            up, down = self._seen.get(c.mac, (0, 0))
+            clients.append(replace(c, used_up=max(up, c.used_up), used_down=max(down, c.used_down)))
+        self.nft.load(render(self.config, clients, self.clock()))
+        self._clients = {c.mac: c for c in clients}
+        self._seen = {c.mac: (c.used_up, c.used_down) for c in clients}
+        self.restores += 1
+        log.warning("table %s %s was deleted from the kernel (fw4 flush, nft flush ruleset?): restored with "
+                    "%d paid clients in %.0f ms", FAMILY, TABLE, len(clients), (time.monotonic() - t0) * 1000)
 
     @staticmethod
     def _leftover_counts(c: PaidClient, st: _State) -> PaidClient:
@@ -258,7 +325,10 @@ class Gate:
         for attempt in range(attempts):
             st = self._read()
             if not st.exists:
-                raise FirewallError("table inet bitmesh is not loaded; call start() first")
+                if not self._loaded:
+                    raise FirewallError("table inet bitmesh is not loaded; call start() first")
+                self._restore()
+                st = self._read()
             new = build(st)
             text = self._batch(mac, new, st)
             try:
@@ -310,3 +380,61 @@ class Gate:
                     continue
                 lines.append(f"add element {t} {name} {{ {', '.join(items)} }}")
         return "\n".join(lines) + "\n"
+
+
+class TableWatch:
+    """`nft -j monitor tables` in a thread: `on_deleted()` runs whenever a deletion of `table inet
+    bitmesh` is reported (our own atomic replaces report one too, so the callback checks before it
+    acts). The monitor sleeps in the kernel between events: no polling. If it dies it is started
+    again after `retry` seconds; the meter's periodic read covers the gap."""
+
+    def __init__(self, nft_argv: tuple[str, ...], on_deleted: Callable[[], object], retry: float = 5.0):
+        self.argv = [*nft_argv, "-j", "monitor", "tables"]
+        self.on_deleted = on_deleted
+        self.retry = retry
+        self._stop = threading.Event()
+        self._proc: subprocess.Popen | None = None
+        self._thread = threading.Thread(target=self._run, name="nft-monitor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+        self._thread.join(5)
+
+    @staticmethod
+    def is_our_deletion(line: str) -> bool:
+        try:
+            table = json.loads(line).get("delete", {}).get("table", {})
+        except (ValueError, AttributeError):
+            return False
+        return table.get("family") == FAMILY and table.get("name") == TABLE
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True)
+            except OSError as e:
+                log.warning("nft monitor not started (%s); a deleted table is noticed at the next meter pass", e)
+                self._stop.wait(self.retry)
+                continue
+            if self._stop.is_set():  # stop() came between the loop test and the start
+                self._proc.terminate()
+            assert self._proc.stdout is not None
+            for line in self._proc.stdout:
+                if self.is_our_deletion(line):
+                    try:
+                        self.on_deleted()
+                    except Exception:
+                        log.exception("restoring table %s %s failed; the next meter pass tries again", FAMILY, TABLE)
+            err = self._proc.stderr.read().strip() if self._proc.stderr else ""
+            self._proc.wait()
+            if not self._stop.is_set():
+                log.warning("nft monitor ended (%s); started again in %.0f s", err[-200:] or self._proc.returncode,
+                            self.retry)
+                self._stop.wait(self.retry)

@@ -419,10 +419,10 @@ class Topology:
 _CLONE_NEWNET = 0x40000000
 
 
-def listen_in_netns(ns: str, addr: tuple[str, int]) -> socket.socket:
-    """A TCP socket listening on `addr` inside namespace `ns`, made without leaving this
-    process: the calling thread enters `ns` for the socket() call only (a socket stays in the
-    namespace it was created in)."""
+@contextlib.contextmanager
+def in_netns(ns: str) -> Iterator[None]:
+    """Run the calling thread inside network namespace `ns` (sockets it opens meanwhile live
+    there for good), e.g. to reach a daemon listening on the router's 127.0.0.1."""
     libc = ctypes.CDLL(None, use_errno=True)
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     there = os.open(f"/run/netns/{ns}", os.O_RDONLY)
@@ -430,13 +430,20 @@ def listen_in_netns(ns: str, addr: tuple[str, int]) -> socket.socket:
         if libc.setns(there, _CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), f"setns {ns}")
         try:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            yield
         finally:
             if libc.setns(home, _CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "setns back")
     finally:
         os.close(there)
         os.close(home)
+
+
+def listen_in_netns(ns: str, addr: tuple[str, int]) -> socket.socket:
+    """A TCP socket listening on `addr` inside namespace `ns`, made without leaving this
+    process: the calling thread enters `ns` for the socket() call only."""
+    with in_netns(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(addr)
     s.listen(64)

@@ -1,0 +1,75 @@
+"""Service.reload (SIGHUP, `ubus call bitmesh reload`): what it takes over while running, and the
+options it reports as needing a restart instead of half-applying them. The service here is the
+real one without a firewall (no root needed); the procd side is tests/test_init_script.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from bitmesh.config import Settings, load_settings
+from bitmesh.errors import ConfigError
+from bitmesh.service import RESTART_OPTIONS, build_service, restart_required
+from tests.support.coins import NETWORK, key_address, new_key
+from tests.support.router import uci_config
+
+BASE = {
+    "enabled": 1, "network": NETWORK, "chain_backend": "esplora", "esplora_url": "http://127.0.0.1:9/api",
+    "price_sat_per_mb": 1000, "price_sat_per_minute": 0, "portal_port": 8088,
+}
+
+
+@pytest.fixture
+def running(tmp_path, free_port):
+    """(service, write(**options)): a built service (not started) and a way to change its file."""
+    path = tmp_path / "config" / "bitmesh"
+    path.parent.mkdir()
+    options = {**BASE, "payout_address": key_address(new_key()), "state_dir": tmp_path / "state"}
+
+    def write(**changes) -> None:
+        options.update(changes)
+        path.write_text(uci_config(options))
+
+    write()
+    service = build_service(load_settings(path), listen=[("127.0.0.1", free_port)], firewall=False,
+                            config_path=path)
+    yield service, write
+    service.manager.ledger.close()
+
+
+def test_prices_apply_restart_options_are_reported_and_keep_running_values(running):
+    service, write = running
+    write(price_sat_per_mb=1500, portal_port=8090, portal_title="Corner Cafe")
+    assert service.reload() == ["portal_port", "portal_title"]
+    assert service.manager.policy.sat_per_mb == 1500  # taken over
+    assert (service.settings.portal_port, service.settings.portal_title) == (8088, "BitMesh Wi-Fi")  # as running
+    assert service.restart_required == ["portal_port", "portal_title"]
+    # Back to the running value: nothing pending any more.
+    write(portal_port=8088, portal_title="BitMesh Wi-Fi")
+    assert service.reload() == [] and service.restart_required == []
+
+
+def test_a_change_only_a_restart_makes_valid_is_not_half_applied(running):
+    service, write = running
+    # Another network and an address of that network: valid together, not with the running network.
+    write(network="test", payout_address="tb1qw508d6qejxtdg4y5r3zarvary0c5xw7kxpjzsx", price_sat_per_mb=7)
+    assert service.reload() == ["network"]
+    assert service.manager.policy.sat_per_mb == 1000 and service.settings.network == NETWORK
+
+
+def test_a_bad_config_is_refused_and_changes_nothing(running):
+    service, write = running
+    write(price_sat_per_mb="ten", portal_port=8090)
+    assert service.reload() == []
+    with pytest.raises(ConfigError, match="price_sat_per_mb"):
+        service.reload(strict=True)
+    assert service.manager.policy.sat_per_mb == 1000 and service.restart_required == []
+
+
+def test_restart_options_cover_what_the_running_service_built_at_start():
+    base = Settings.from_dict({**BASE, "payout_address": key_address(new_key())})
+    for name, value in {"interface": "br-guest", "portal_port": 9000, "state_dir": "/tmp/elsewhere",
+                        "chain_backend": "core", "core_rpc_password": "pw", "enabled": False}.items():
+        assert restart_required(base, base.replace(**{name: value})) == [name]
+    assert restart_required(base, base.replace(price_sat_per_mb=5, walled_garden_host=("example.org",))) == []
+    assert "payout_address" not in RESTART_OPTIONS and "min_deposit_sat" not in RESTART_OPTIONS
+
