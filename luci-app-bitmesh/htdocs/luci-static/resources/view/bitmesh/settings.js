@@ -10,7 +10,9 @@
 // The checks below mirror bitmesh/config.py so that most mistakes show up in the browser. The
 // service checks every option again when it (re)loads and keeps its running config if one is
 // wrong. An option left empty is removed from the config and the service uses its default,
-// which is what each field shows as placeholder.
+// which is what each field shows as placeholder. Options shown only for one choice (the Core RPC
+// credentials with Esplora, the MQTT options with MQTT off) keep their saved values while hidden
+// (`retain`): switching back finds them as they were.
 
 // Defaults and limits of bitmesh/config.py (tests/test_luci.py compares them).
 var DEFAULTS = {
@@ -206,9 +208,10 @@ return view.extend({
 		o.default = 'main';
 		o.onchange = recheck([ 'payout_address' ]);
 
+		// not rmempty = false: LuCI would refuse an empty address before the rule below lets it
+		// through while the hotspot is disabled (a fresh install could not save anything)
 		o = s.taboption('general', form.Value, 'payout_address', _('Payout address'),
 			_('Your address: every settlement pays your earnings here.'));
-		o.rmempty = false;
 		o.validate = function(section_id, value) {
 			var network = current(this, section_id, 'network') || 'main';
 
@@ -299,20 +302,24 @@ return view.extend({
 
 		o = s.taboption('chain', form.Value, 'esplora_url', _('Esplora URL'));
 		o.depends('chain_backend', 'esplora');
+		o.retain = true;
 		o.placeholder = 'https://mempool.space/api';
 		o.validate = httpUrl;
 
 		o = s.taboption('chain', form.Value, 'core_rpc_url', _('Bitcoin Core RPC URL'));
 		o.depends('chain_backend', 'core');
+		o.retain = true;
 		o.placeholder = 'http://127.0.0.1:8332';
 		o.validate = httpUrl;
 
 		o = s.taboption('chain', form.Value, 'core_rpc_user', _('RPC user'));
 		o.depends('chain_backend', 'core');
+		o.retain = true;
 		o.validate = text(256);
 
 		o = s.taboption('chain', form.Value, 'core_rpc_password', _('RPC password'));
 		o.depends('chain_backend', 'core');
+		o.retain = true;
 		o.password = true;
 		o.validate = text(1024);
 
@@ -344,6 +351,7 @@ return view.extend({
 
 		o = s.taboption('mqtt', form.Value, 'mqtt_broker', _('Broker'), _('host:port'));
 		o.depends('mqtt_enabled', '1');
+		o.retain = true;
 		o.placeholder = '127.0.0.1:1883';
 		o.validate = function(section_id, value) {
 			if (value == null || value === '')
@@ -355,6 +363,7 @@ return view.extend({
 
 		o = s.taboption('mqtt', form.Value, 'mqtt_topic_prefix', _('Topic prefix'));
 		o.depends('mqtt_enabled', '1');
+		o.retain = true;
 		o.placeholder = 'bitmesh';
 		o.validate = function(section_id, value) {
 			if (value == null || value === '')

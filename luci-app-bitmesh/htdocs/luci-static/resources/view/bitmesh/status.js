@@ -3,58 +3,70 @@
 'require dom';
 'require poll';
 'require rpc';
+'require uci';
 'require ui';
 
-// Status: the running service through its ubus object `bitmesh` (bitmesh/control.py). The
-// rpcd ACL (acl.d/luci-app-bitmesh.json) grants exactly the methods declared here: the four
-// readers under "read", kick and close_channel under "write".
+// Status: the running service through its ubus object `luci.bitmesh` (bitmesh/ubus_object.py:
+// the methods of `bitmesh`, whose signatures also take the `ubus_rpc_session` uhttpd adds to
+// every call from LuCI). The rpcd ACL (acl.d/luci-app-bitmesh.json) grants exactly the methods
+// declared here: the four readers under "read", kick and close_channel under "write".
+//
+// The service not running is the normal state of a fresh install (disabled until a payout
+// address is set): the page says so, keeps polling and shows the service once it answers.
 
+var OBJECT = 'luci.bitmesh';
 var POLL_SECONDS = 5;
 
-// A reply is the answer, or {"error": {"code", "message"}} when the service refuses. When the
-// object is missing (service stopped) or access is denied, rpcd answers a bare ubus status
-// code instead; `expect` turns anything that is not an object into this same error shape.
+// A reply is the answer, or {"error": {"code", "message"}} when the service refuses. A call that
+// does not reach the service (its object is not on ubus, access denied, a bare ubus status) is
+// turned into the same shape by `answered()` below.
 var NO_ANSWER = {
-	error: { code: 'no_answer', message: _('The BitMesh service does not answer; is it running?') }
+	error: { code: 'no_answer', message: _('The BitMesh service does not answer') }
+};
+var NOT_RUNNING = {
+	error: { code: 'not_running', message: _('The BitMesh service is not running') }
 };
 
-var callStatus = rpc.declare({
-	object: 'bitmesh',
-	method: 'status',
-	expect: { '': NO_ANSWER }
-});
+function declare(method, params) {
+	return rpc.declare({ object: OBJECT, method: method, params: params || [] });
+}
 
-var callClients = rpc.declare({
-	object: 'bitmesh',
-	method: 'clients',
-	expect: { '': NO_ANSWER }
-});
+var callStatus = declare('status'),
+    callClients = declare('clients'),
+    callChannels = declare('channels'),
+    callEarnings = declare('earnings'),
+    callKick = declare('kick', [ 'mac' ]),
+    callCloseChannel = declare('close_channel', [ 'channel_id' ]);
 
-var callChannels = rpc.declare({
-	object: 'bitmesh',
-	method: 'channels',
-	expect: { '': NO_ANSWER }
-});
+// The reply of a call, or the error shape when the call failed on its way. uhttpd answers a
+// call to an object ubusd does not have with JSON-RPC error -32000 "Object not found" (rpc.js
+// rejects with an RPCError), LuCI's own ubus proxy (admin/ubus) with ubus status 4: either way
+// the service is not running.
+function answered(promise) {
+	return Promise.resolve(promise).then(function(res) {
+		if (res === 4)
+			return NOT_RUNNING;
+		if (typeof(res) == 'number' && res !== 0)
+			return { error: { code: 'ubus_' + res, message: rpc.getStatusText(res) } };
+		return L.isObject(res) ? res : NO_ANSWER;
+	}, function(err) {
+		var text = String(err && err.message || err);
 
-var callEarnings = rpc.declare({
-	object: 'bitmesh',
-	method: 'earnings',
-	expect: { '': NO_ANSWER }
-});
+		if (/error -32000:|Object not found/.test(text))
+			return NOT_RUNNING;
+		if (/error -32002:|Access denied/.test(text))
+			return { error: { code: 'access_denied', message: _('Access denied: this login may not read the BitMesh status') } };
+		return { error: { code: 'no_answer', message: text } };
+	});
+}
 
-var callKick = rpc.declare({
-	object: 'bitmesh',
-	method: 'kick',
-	params: [ 'mac' ],
-	expect: { '': NO_ANSWER }
-});
-
-var callCloseChannel = rpc.declare({
-	object: 'bitmesh',
-	method: 'close_channel',
-	params: [ 'channel_id' ],
-	expect: { '': NO_ANSWER }
-});
+// bitmesh.main.enabled as saved, read afresh (it says why the service is not running)
+function savedEnabled() {
+	uci.unload('bitmesh');
+	return L.resolveDefault(uci.load('bitmesh'), null).then(function() {
+		return uci.get('bitmesh', 'main', 'enabled') == '1';
+	});
+}
 
 // The error of a reply, or null when it is an answer.
 function errorOf(reply) {
@@ -134,7 +146,15 @@ return view.extend({
 	shownErrors: {},
 
 	load: function() {
-		return Promise.all([ callStatus(), callClients(), callChannels(), callEarnings() ]);
+		return Promise.all([
+			answered(callStatus()), answered(callClients()), answered(callChannels()), answered(callEarnings()), savedEnabled()
+		]);
+	},
+
+	// Kick and Close only for a login that may call them: LuCI tells a view whether its menu
+	// node's ACL groups are granted read-only (L.env.nodespec.readonly).
+	mayAct: function() {
+		return L.hasViewPermission() === true;
 	},
 
 	notifyNewErrors: function(replies) {
@@ -142,7 +162,7 @@ return view.extend({
 
 		replies.forEach(L.bind(function(reply) {
 			var err = errorOf(reply), key;
-			if (!err)
+			if (!err || err.code == 'not_running')
 				return;
 			key = errorText(err);
 			if (!this.shownErrors[key] && !shown[key])
@@ -157,7 +177,7 @@ return view.extend({
 		if (!confirm(_('Cut off %s now? Its channel is settled for what it used; the rest goes back to the client.').format(mac)))
 			return;
 
-		return callKick(mac).then(function(reply) {
+		return answered(callKick(mac)).then(function(reply) {
 			var err = errorOf(reply);
 			if (err)
 				notifyError(err);
@@ -171,7 +191,7 @@ return view.extend({
 		if (!confirm(_('Settle channel %s now? Its client loses access.').format(channelId)))
 			return;
 
-		return callCloseChannel(channelId).then(function(reply) {
+		return answered(callCloseChannel(channelId)).then(function(reply) {
 			var err = errorOf(reply);
 			if (err)
 				notifyError(err);
@@ -179,6 +199,18 @@ return view.extend({
 				ui.addNotification(null, E('p', _('Channel %s: %s, settlement transaction %s').format(
 					reply.channel_id, reply.state, reply.settlement_txid || '-')), 'info');
 		}).then(L.bind(this.refresh, this));
+	},
+
+	renderNotRunning: function(enabled) {
+		return E('div', { 'class': 'cbi-section', 'id': 'bitmesh-not-running' }, [
+			E('h3', _('Service not running')),
+			E('div', { 'class': 'alert-message notice' }, [
+				E('p', enabled
+					? _('BitMesh is enabled but not running. It starts a few seconds after Save & Apply; if it does not, the system log (logread) names the option it refuses.')
+					: _('BitMesh is not running: the hotspot is disabled. Set a payout address and tick Enable in Settings, then Save & Apply.')),
+				E('p', _('This page checks again every %d seconds.').format(POLL_SECONDS))
+			])
+		]);
 	},
 
 	renderStatus: function(st) {
@@ -197,7 +229,7 @@ return view.extend({
 			[ _('Portal'), st.portal_url ? E('a', { 'href': st.portal_url, 'target': '_blank' }, st.portal_url) : '-' ],
 			[ _('Chain backend'), '%s, %s: %s'.format(chain.backend || '-', chain.url || '-',
 				chain.ok ? ((chain.tip_height != null) ? _('block %s').format(chain.tip_height) : _('reachable'))
-					: _('unreachable')) ],
+					: (chain.error ? _('unreachable (%s)').format(chain.error) : _('not checked yet'))) ],
 			[ _('Prices'), _('%s per MB, %s per minute, prepay step %s').format(
 				sats(st.price_sat_per_mb), sats(st.price_sat_per_minute), sats(st.prepay_step_sat)) ],
 			[ _('Clients online'), '%s'.format(st.clients_online) ],
@@ -229,49 +261,52 @@ return view.extend({
 	},
 
 	renderClients: function(reply) {
-		var err = errorOf(reply);
+		var err = errorOf(reply), act = this.mayAct();
 		if (err)
 			return failedSection(err);
 
 		return table(
-			[ _('MAC'), _('IP'), _('Data used'), _('Time used'), _('Credit'), _('Paid'), _('State'), '' ],
+			[ _('MAC'), _('IP'), _('Data used'), _('Time used'), _('Credit'), _('Paid'), _('State') ].concat(act ? [ '' ] : []),
 			L.toArray(reply.clients).map(L.bind(function(c) {
 				return [
-					c.mac, c.ip || '-', bytes(c.bytes_used), duration(c.seconds_used), sats(c.credit), sats(c.paid), c.state,
-					E('button', {
-						'class': 'cbi-button cbi-button-remove',
-						'click': ui.createHandlerFn(this, 'handleKick', c.mac)
-					}, _('Kick'))
-				];
+					c.mac, c.ip || '-', bytes(c.bytes_used), duration(c.seconds_used), sats(c.credit), sats(c.paid), c.state
+				].concat(act ? [ E('button', {
+					'class': 'cbi-button cbi-button-remove',
+					'click': ui.createHandlerFn(this, 'handleKick', c.mac)
+				}, _('Kick')) ] : []);
 			}, this)),
 			_('No paying clients right now.'));
 	},
 
 	renderChannels: function(reply) {
-		var err = errorOf(reply);
+		var err = errorOf(reply), act = this.mayAct();
 		if (err)
 			return failedSection(err);
 
 		return table(
-			[ _('Channel'), _('Client'), _('State'), _('Deposit'), _('Paid'), _('Owed'), _('Settlement'), '' ],
+			[ _('Channel'), _('Client'), _('State'), _('Deposit'), _('Paid'), _('Owed'), _('Settlement') ].concat(act ? [ '' ] : []),
 			L.toArray(reply.channels).map(L.bind(function(ch) {
 				return [
 					shortId(ch.channel_id), ch.client_mac || '-', ch.state, sats(ch.deposit), sats(ch.paid), sats(ch.owed),
-					shortId(ch.settlement_txid),
-					(ch.state == 'open') ? E('button', {
-						'class': 'cbi-button cbi-button-action',
-						'click': ui.createHandlerFn(this, 'handleClose', ch.channel_id)
-					}, _('Close')) : ''
-				];
+					shortId(ch.settlement_txid)
+				].concat(act ? [ (ch.state == 'open') ? E('button', {
+					'class': 'cbi-button cbi-button-action',
+					'click': ui.createHandlerFn(this, 'handleClose', ch.channel_id)
+				}, _('Close')) : '' ] : []);
 			}, this)),
 			_('No channels yet.'));
 	},
 
 	renderSections: function(data) {
-		this.notifyNewErrors(data);
+		var st = data[0], err = errorOf(st);
+
+		this.notifyNewErrors(data.slice(0, 4));
+
+		if (err && err.code == 'not_running')
+			return [ this.renderNotRunning(data[4]) ];
 
 		return [
-			E('div', { 'class': 'cbi-section' }, [ E('h3', _('Hotspot')), this.renderStatus(data[0]) ]),
+			E('div', { 'class': 'cbi-section' }, [ E('h3', _('Hotspot')), this.renderStatus(st) ]),
 			E('div', { 'class': 'cbi-section' }, [ E('h3', _('Earnings')), this.renderEarnings(data[3]) ]),
 			E('div', { 'class': 'cbi-section' }, [ E('h3', _('Clients')), this.renderClients(data[1]) ]),
 			E('div', { 'class': 'cbi-section' }, [ E('h3', _('Channels')), this.renderChannels(data[2]) ])
@@ -291,8 +326,9 @@ return view.extend({
 
 		return E('div', { 'class': 'cbi-map' }, [
 			E('h2', _('BitMesh status')),
-			E('div', { 'class': 'cbi-map-descr' },
-				_('Paying clients, their channels and your earnings; refreshed every %d seconds.').format(POLL_SECONDS)),
+			E('div', { 'class': 'cbi-map-descr' }, this.mayAct()
+				? _('Paying clients, their channels and your earnings; refreshed every %d seconds.').format(POLL_SECONDS)
+				: _('Paying clients, their channels and your earnings; refreshed every %d seconds. This login may only look.').format(POLL_SECONDS)),
 			E('div', { 'id': 'bitmesh-status' }, this.renderSections(data))
 		]);
 	},
