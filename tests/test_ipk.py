@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import subprocess
 import sys
@@ -15,8 +16,10 @@ SITE = "./usr/lib/python3.11/site-packages"
 VERSION = "0.1.0-r1"
 NAMES = {
     "bitmesh": f"bitmesh_{VERSION}_all.ipk",
+    "bitmesh-src": f"bitmesh-src_{VERSION}_all.ipk",
     "luci": f"luci-app-bitmesh_{VERSION}_all.ipk",
     "bitcoinlib": "python3-bitcoinlib_0.12.2-r1_all.ipk",
+    "bitcoinlib-src": "python3-bitcoinlib-src_0.12.2-r1_all.ipk",
 }
 
 
@@ -93,16 +96,20 @@ def test_bitmesh_package(builds):
     ipk = Ipk(builds[0] / NAMES["bitmesh"])
     fields = ipk.fields()
     deps = [d.strip() for d in fields["Depends"].split(",")]
-    for dep in ("python3-light", "python3-ubus", "python3-paho-mqtt", "python3-bottle", "nftables-json",
+    for dep in ("python3-light", "python3-logging", "python3-email", "python3-urllib", "python3-openssl",
+                "python3-ubus", "python3-uci", "python3-paho-mqtt", "python3-bottle", "nftables-json",
                 "python3-bitcoinlib"):
         assert dep in deps
     assert ipk.control_file("conffiles").splitlines() == ["/etc/config/bitmesh"]
-    postinst, prerm = ipk.control_file("postinst"), ipk.control_file("prerm")
-    assert "IPKG_INSTROOT" in postinst and "/etc/init.d/bitmesh enable" in postinst
-    assert "/etc/init.d/bitmesh stop" in prerm and "/etc/init.d/bitmesh disable" in prerm
+    # OpenWrt's layout: postinst/prerm call default_postinst/default_prerm, which source the
+    # package's own scripts, postinst-pkg and prerm-pkg
+    assert "default_postinst $0 $@" in ipk.control_file("postinst")
+    assert "default_prerm $0 $@" in ipk.control_file("prerm")
+    postinst, prerm = ipk.control_file("postinst-pkg"), ipk.control_file("prerm-pkg")
+    assert "IPKG_INSTROOT" in postinst and "PKG_UPGRADE" in postinst and "PKG_UPGRADE" in prerm
     commands = [ln for ln in (postinst + prerm).splitlines() if not ln.lstrip().startswith("#")]
     assert not [ln for ln in commands if "fw4" in ln or "firewall" in ln]  # fw4 is left alone
-    for script in ("postinst", "prerm"):
+    for script in ("postinst", "prerm", "postinst-pkg", "prerm-pkg"):
         assert ipk.control_tar.getmember(f"./{script}").mode == 0o755
         subprocess.run(["sh", "-n"], input=ipk.control_file(script), text=True, check=True)
 
@@ -111,21 +118,42 @@ def test_bitmesh_package(builds):
     assert ipk.data["./etc/config/bitmesh"].mode == 0o600  # may hold the RPC password
     assert ipk.read("./etc/init.d/bitmesh") == (ROOT / "files/etc/init.d/bitmesh").read_bytes()
     assert ipk.read("./etc/config/bitmesh") == (ROOT / "files/etc/config/bitmesh").read_bytes()
-    for name, m in ipk.data.items():
-        if m.isfile() and name.endswith(".py"):
-            assert m.mode == 0o644, name
+    # sysupgrade keeps state_dir (seed and journal): one path per line, as sysupgrade reads keep.d
+    keep = [ln for ln in ipk.read("./lib/upgrade/keep.d/bitmesh").decode().splitlines()
+            if ln.strip() and not ln.startswith("#")]
+    assert keep == ["/etc/bitmesh/"]
 
-    # every module of the service is inside, byte for byte, and nothing from __pycache__
+    # every module of the service is inside, compiled (checked-hash .pyc, no timestamp), no .py
     modules = sorted(p for p in (ROOT / "bitmesh").rglob("*.py") if "__pycache__" not in p.parts)
     assert len(modules) > 5
     for p in modules:
-        name = f"{SITE}/bitmesh/{p.relative_to(ROOT / 'bitmesh').as_posix()}"
+        name = f"{SITE}/bitmesh/{p.relative_to(ROOT / 'bitmesh').as_posix()}c"
         assert name in ipk.data, name
-        assert ipk.read(name) == p.read_bytes()
-    assert not [n for n in ipk.data if "__pycache__" in n or n.endswith(".pyc")]
+        pyc = ipk.read(name)
+        assert pyc[:4] == importlib.util.MAGIC_NUMBER and int.from_bytes(pyc[4:8], "little") == 0b11
+        assert pyc[8:16] == importlib.util.source_hash(p.read_bytes())
+        assert ipk.data[name].mode == 0o644
+    assert not [n for n in ipk.data if n.endswith(".py") or "__pycache__" in n]
+    # the vendored JS with its licence texts, next to it
+    vendor = ROOT / "bitmesh/portal/static/vendor"
+    for lib in sorted(d for d in vendor.iterdir() if d.is_dir()):
+        licences = [f for f in lib.iterdir() if f.name.startswith("LICENSE")]
+        assert licences, lib
+        for f in licences:
+            assert ipk.read(f"{SITE}/bitmesh/portal/static/vendor/{lib.name}/{f.name}") == f.read_bytes()
+    assert not [n for n in ipk.data if "/portal/wallet/" in n]
     # no seed, key or runtime state: nothing under the state dir, no seed-like files
     assert not [n for n in ipk.data if n.startswith("./etc/bitmesh")]
-    assert not [n for n in ipk.data if "seed" in n.rsplit("/", 1)[-1].lower() and not n.endswith(".py")]
+    assert not [n for n in ipk.data if "seed" in n.rsplit("/", 1)[-1].lower() and not n.endswith(".pyc")]
+
+
+def test_bitmesh_src_package_has_the_sources(builds):
+    ipk = Ipk(builds[0] / NAMES["bitmesh-src"])
+    files = {n for n, m in ipk.data.items() if m.isfile()}
+    modules = {f"{SITE}/bitmesh/{p.relative_to(ROOT / 'bitmesh').as_posix()}" for p in (ROOT / "bitmesh").rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert files == modules
+    assert ipk.fields()["Package"] == "bitmesh-src"
 
 
 def test_luci_package(builds):
@@ -150,10 +178,15 @@ def test_bitcoinlib_package(builds):
     assert fields["Package"] == "python3-bitcoinlib" and fields["Version"] == "0.12.2-r1"
     deps = fields["Depends"].split(", ")
     assert "python3-light" in deps and "python3-ctypes" in deps and any(d.startswith("libopenssl") for d in deps)
-    key = ipk.read(f"{SITE}/bitcoin/core/key.py")
-    assert b"class CECKey" in key
     import bitcoin.core.key  # the pinned 0.12.2 in this venv: same bytes as the sdist
 
-    assert key == Path(bitcoin.core.key.__file__).read_bytes()
-    assert f"{SITE}/bitcoin/__init__.py" in ipk.data
-    assert not [n for n in ipk.data if "/bitcoin/tests" in n]
+    key = ipk.read(f"{SITE}/bitcoin/core/key.pyc")
+    assert key[8:16] == importlib.util.source_hash(Path(bitcoin.core.key.__file__).read_bytes())
+    assert f"{SITE}/bitcoin/__init__.pyc" in ipk.data
+    assert not [n for n in ipk.data if "/bitcoin/tests" in n or n.endswith(".py")]
+    # the LGPL text, where the installed wheel keeps it, with the metadata that names it
+    info = f"{SITE}/python_bitcoinlib-0.12.2.dist-info"
+    assert b"GNU LESSER GENERAL PUBLIC LICENSE" in ipk.read(f"{info}/LICENSE")
+    assert b"Name: python-bitcoinlib" in ipk.read(f"{info}/METADATA")
+    src = Ipk(builds[0] / NAMES["bitcoinlib-src"])
+    assert src.read(f"{SITE}/bitcoin/core/key.py") == Path(bitcoin.core.key.__file__).read_bytes()
