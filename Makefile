@@ -8,8 +8,14 @@ PYTEST ?= $(PY) -m pytest
 deps:
 	./tools/deps.sh
 
+# The whole suite with the library versions OpenWrt 24.10 ships (.venv), then the tests of what
+# uses bottle and paho-mqtt again with their newest releases (.venv-latest).
+LATEST_TESTS := tests/test_portal.py tests/test_channel_regtest.py tests/test_channel_bad_input.py \
+	tests/test_channel_crash.py tests/test_browser.py tests/test_ubus_owrt.py
+
 test: deps
 	$(PYTEST) -q
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider $(LATEST_TESTS)
 
 bench: deps
 	$(PY) -m bench.run

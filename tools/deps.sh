@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 # busybox: OpenWrt's /bin/sh (ash) for its init scripts under procd.
 APT_PACKAGES="nftables iproute2 mosquitto iperf3 chromium curl build-essential cmake pkg-config libjson-c-dev busybox openssl"
 VENV=${VENV:-.venv}
+VENV_LATEST=${VENV_LATEST:-.venv-latest}
 PYTHON=${PYTHON:-python3}
 
 missing=()
@@ -23,16 +24,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
-fi
-stamp="$VENV/.deps-$(cat pyproject.toml requirements-test.txt | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-test.txt
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e .
-  rm -f "$VENV"/.deps-*
-  touch "$stamp"
-fi
+# Two venvs: .venv with the library versions OpenWrt 24.10 ships (the router's), .venv-latest with
+# the newest releases (requirements-latest.txt); `make test` runs the suite in the first and the
+# tests of the parts that use those libraries in the second.
+make_venv() {  # venv requirements-file
+  local venv=$1 reqs=$2 stamp
+  [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+  stamp="$venv/.deps-$(cat pyproject.toml "$reqs" | sha256sum | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    "$venv/bin/pip" install -q --disable-pip-version-check -r "$reqs"
+    "$venv/bin/pip" install -q --disable-pip-version-check --no-deps -e .
+    rm -f "$venv"/.deps-*
+    touch "$stamp"
+  fi
+}
+make_venv "$VENV" requirements-test.txt
+make_venv "$VENV_LATEST" requirements-latest.txt
 
 lockhash=$(sha256sum package-lock.json | cut -c1-16)
 if [ ! -f "node_modules/.deps-$lockhash" ]; then
@@ -45,6 +52,7 @@ fi
 # Without the source tarballs the `owrt` tests skip and say why (CI treats that as a failure).
 if [ -d "${OWRT_SOURCES:-../shared/openwrt-userland/sources}" ]; then
   PIP="$VENV/bin/pip" ./tools/owrt-userland.sh >/dev/null
+  PIP="$VENV_LATEST/bin/pip" ./tools/owrt-userland.sh >/dev/null
 else
   echo "deps: no OpenWrt sources at ${OWRT_SOURCES:-../shared/openwrt-userland/sources}; owrt tests will skip" >&2
 fi
