@@ -173,11 +173,17 @@ def test_objects_come_back_after_ubusd_restarts(owrt, service, faucet):
     assert ubus_call(owrt, "luci.bitmesh", "clients", {"ubus_rpc_session": "x"}) == (0, {"clients": []})
     # events reach listeners of the new ubusd
     owrt.popen(["ubus", "listen", "bitmesh.*"], log="/tmp/log/events.jsonl")
-    wait_for(lambda: "listen" in owrt.run(["ps", "-o", "args"], text=True).stdout, 5, "ubus listen")
-    payer = paid_channel(svc, faucet)
     events = owrt.host_path("/tmp/log/events.jsonl")
+
+    def listening() -> bool:  # the listener is up once it prints an event sent to it
+        owrt.ubus("send", "bitmesh.probe", "{}")
+        return events.exists() and "bitmesh.probe" in events.read_text()
+
+    wait_for(listening, 5, "ubus listen", interval=0.1)
+    payer = paid_channel(svc, faucet)
     wait_for(lambda: payer.channel_id in events.read_text(), 10, "the session event")
-    assert json.loads(events.read_text().splitlines()[0])["bitmesh.session.start"]["deposit"] == 30_000
+    started = [json.loads(line) for line in events.read_text().splitlines() if "session.start" in line]
+    assert [e["bitmesh.session.start"]["deposit"] for e in started] == [30_000]
 
 
 def test_calls_never_wait_for_a_hanging_chain_backend(owrt, service, proxy, faucet, bcoin):
