@@ -80,6 +80,11 @@ os.symlink("pts/ptmx", f"{merged}/dev/ptmx")
 sh("mount", "--bind", f"{work}/tmp", f"{merged}/tmp")
 sh("mount", "--bind", f"{work}/tmp", f"{merged}/var")
 sh("mount", "--bind", f"{work}/etc-config", f"{merged}/etc/config")
+# this checkout (the venv, the userland's libraries) where the binds above would hide it
+repo = sys.argv[3]
+if repo.startswith(("/tmp/", "/var/")):
+    os.makedirs(merged + repo, exist_ok=True)
+    sh("mount", "--bind", repo, merged + repo)
 os.chroot(merged)
 os.chdir("/")
 print("READY", flush=True)
@@ -225,7 +230,7 @@ class OwrtRoot:
 
     def start(self) -> OwrtRoot:
         argv = ["unshare", "-m", "--propagation", "private", sys.executable, "-c", _HOLDER, str(self.workdir),
-                self.netns or ""]
+                self.netns or "", str(REPO)]
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         self._holder = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
