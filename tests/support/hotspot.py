@@ -24,6 +24,7 @@ from bitmesh.portal.client import PortalClient
 from bitmesh.portal.httpserver import HttpServer
 from tests.support.bcoin import BcoinNode
 from tests.support.coins import NETWORK, Faucet, key_address, new_key
+from tests.support.consensus import verify_on_node
 
 TEST_POLICY = dict(
     min_deposit_sat=20_000, max_deposit_sat=1_000_000, expiry_blocks=40, settle_margin_blocks=5,
@@ -104,6 +105,7 @@ def mine_to(hotspot: Hotspot, height: int) -> None:
 
 
 def confirmed_tx(node: BcoinNode, txid: str | None) -> CTransaction:
+    """A mined transaction, its inputs checked by Bitcoin Core's consensus interpreter as well."""
     info = node.rpc("getrawtransaction", txid, 1)
     assert info.get("confirmations", 0) >= 1, f"{txid} is not confirmed"
-    return CTransaction.deserialize(bytes.fromhex(info["hex"]))
+    return verify_on_node(node, txid or "")

@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bitcoin.core import CTransaction
 from bitcoin.wallet import CKey
 
 from bitmesh.chain.address import address_to_script, p2wpkh_script
 from tests.support.bcoin import BcoinNode
 from tests.support.coins import NETWORK, Faucet, key_address, new_key
+from tests.support.consensus import verify_on_node
 from tests.support.netns import Host, Topology
 from tests.support.owrt import OwrtRoot
 
@@ -301,9 +301,10 @@ class Settlement:
 
 def read_settlement(node: BcoinNode, txid: str, deposit: int, refund_address: str,
                     payout_address: str) -> Settlement:
-    """The settlement as the node has it, each output told apart by its script."""
-    info = node.rpc("getrawtransaction", txid, 1)
-    tx, confirmations = CTransaction.deserialize(bytes.fromhex(info["hex"])), int(info.get("confirmations") or 0)
+    """The settlement as the node has it, each output told apart by its script; its input checked by
+    Bitcoin Core's consensus interpreter as well."""
+    tx = verify_on_node(node, txid)
+    confirmations = int(node.rpc("getrawtransaction", txid, 1).get("confirmations") or 0)
     refund = address_to_script(refund_address, NETWORK)
     payout = address_to_script(payout_address, NETWORK)
     outs = [(o.nValue, bytes(o.scriptPubKey)) for o in tx.vout]
