@@ -255,7 +255,10 @@ def test_nft_accepts_the_rendered_table():
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         nft = Nft(["ip", "netns", "exec", ns, "nft"])
-        for text in (render(CFG), render(CFG, many(250), now=0.0), render_delete()):
+        # a client whose counters passed its quota (they also count the packets it drops), as a
+        # restart after a SIGKILL finds it: the old rendering made the whole load fail (EINVAL)
+        over = PaidClient(MAC, ipv4="10.77.1.11", quota_bytes=5000, used_up=4000, used_down=2500)
+        for text in (render(CFG), render(CFG, many(250), now=0.0), render_delete(), render(CFG, [over], now=0.0)):
             nft.check(text)
         with pytest.raises(FirewallError) as e:
             nft.check(render(CFG).replace("dnat ip to", "dnat ipx to"))

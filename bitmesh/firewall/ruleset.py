@@ -232,7 +232,11 @@ def client_elements(client: PaidClient, now: float) -> ClientElements:
     qn = quota_name(client.mac)
     up_left, down_left = client.used_up, client.used_down
     if client.quota_bytes is not None:
-        el.quota = f"over {int(client.quota_bytes)} bytes used {client.used} bytes"
+        # The element counters sit before the quota and also count the packets it drops, so the
+        # bytes counted can pass the limit; the kernel refuses a quota used beyond its limit
+        # (EINVAL), and one used up to it is just as exhausted.
+        limit = int(client.quota_bytes)
+        el.quota = f"over {limit} bytes used {min(client.used, limit)} bytes"
     if client.ipv4:
         el.add("paid4", f"{client.mac} . {client.ipv4}{_ctr(up_left)}{_tmo(ms)}")
         el.add("down4", f"{client.ipv4}{_ctr(down_left)}{_tmo(ms)}")
