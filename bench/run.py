@@ -13,13 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("bench.channel", "bench.firewall", "bench.portal")
+SECTIONS = ("bench.channel", "bench.firewall", "bench.portal", "bench.faults")
 TARGETS = {  # key: (comparison, target) from the issues
     "channel.updates_per_s": (">=", 500),
+    "channel.updates_to_verify_ratio": (">=", 0.4),
     "firewall.forward_throughput_ratio": (">=", 0.95),
     "firewall.quota_overshoot_bytes": ("<=", 1500),
     "portal.pay_to_access_ms": ("<=", 100),
     "portal.p99_ms_50_clients": ("<=", 50),
+    "faults.lost_sat": ("<=", 0),
 }
 
 

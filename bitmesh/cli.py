@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--listen", type=_host_port, action="append",
                        help="portal HOST:PORT, repeatable (default: the LAN addresses, portal_port)")
     serve.add_argument("--no-firewall", action="store_true",
-                       help="development only: serve the channel API without gating anybody")
+                       help="development only: serve the channel API without gating or metering anybody; "
+                            "nothing is measured, so every satoshi paid is owed and settled (owed = paid), "
+                            "as the offer states (\"metered\": false)")
     serve.add_argument("--no-ubus", action="store_true",
                        help="do not register the `bitmesh` ubus objects (no ubusd here)")
     serve.add_argument("--ubus-socket", metavar="PATH",

@@ -24,6 +24,7 @@ MAX_SAT = 21_000_000 * 100_000_000
 DUST_SAT = 546
 CHAIN_BACKENDS = ("esplora", "core")
 SECRET_OPTIONS = frozenset({"core_rpc_password"})
+ZERO_CONF_TOTAL_FACTOR = 5  # zero_conf_total_max_sat when unset: this many channels at the per-channel cap
 
 _TRUE = {"1", "yes", "on", "true", "enabled"}
 _FALSE = {"0", "no", "off", "false", "disabled"}
@@ -46,6 +47,9 @@ class Settings:
     expiry_blocks: int = 144
     settle_margin_blocks: int = 12
     zero_conf_max_sat: int = 20_000
+    # Unconfirmed deposits in use at once, all channels together. Unset: ZERO_CONF_TOTAL_FACTOR
+    # times zero_conf_max_sat (a config that raises the per-channel cap raises this with it).
+    zero_conf_total_max_sat: int = 100_000
     min_conf: int = 1
     chain_backend: str = "esplora"
     esplora_url: str = "https://mempool.space/api"
@@ -76,6 +80,9 @@ class Settings:
         for name, convert in _FIELDS.items():
             if name in values:
                 kwargs[name] = convert(name, values[name])
+        if "zero_conf_total_max_sat" not in kwargs:
+            per_channel = kwargs.get("zero_conf_max_sat", cls.zero_conf_max_sat)
+            kwargs["zero_conf_total_max_sat"] = min(MAX_SAT, ZERO_CONF_TOTAL_FACTOR * per_channel)
         settings = cls(**kwargs)
         settings._check()
         return settings
@@ -324,6 +331,7 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "expiry_blocks": _amount,
     "settle_margin_blocks": _amount,
     "zero_conf_max_sat": _amount,
+    "zero_conf_total_max_sat": _amount,
     "min_conf": _amount,
     "chain_backend": _choice(CHAIN_BACKENDS),
     "esplora_url": _url,

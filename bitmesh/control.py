@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-from bitcoin.core import CTransaction
-
 from bitmesh import __version__
+from bitmesh.channel.history import payout_of
 from bitmesh.channel.state import Channel, Phase
 from bitmesh.errors import BitMeshError, RequestError
 from bitmesh.firewall.ruleset import normalize_mac
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECENT_SETTLEMENTS = 20
-CHANNELS_LISTED = 200  # newest first; the journal keeps the rest
+CHANNELS_LISTED = 200  # newest first; the archive keeps the rest (and memory its newest 200)
 
 
 def redact_url(url: str) -> str:
@@ -40,12 +39,7 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def payout_of(channel: Channel) -> int:
-    """What the settlement pays the owner: every output not to the client's refund script."""
-    if not channel.settlement_raw:
-        return 0
-    tx = CTransaction.deserialize(channel.settlement_raw)
-    return sum(o.nValue for o in tx.vout if bytes(o.scriptPubKey) != channel.refund_script)
+__all__ = ["Control", "channel_summary", "events_for", "payout_of", "redact_url"]
 
 
 def channel_summary(channel: Channel, owed: int | None) -> dict:
@@ -60,6 +54,7 @@ def channel_summary(channel: Channel, owed: int | None) -> dict:
         "funding": str(channel.funding) if channel.funding else None,
         "expiry": channel.expiry,
         "settlement_txid": channel.settlement_txid,
+        "payout_txid": channel.payout_txid,  # the owner's share moved on to the payout address
         "close_reason": channel.close_reason or None,
         "created_at": channel.created_at,
     }
@@ -145,15 +140,28 @@ class Control:
         return channel.owed
 
     def channels(self) -> dict:
-        newest = sorted(self.service.manager.channels(), key=lambda ch: ch.created_at, reverse=True)
+        """Live channels and, from the archive, the newest final ones that left the journal."""
+        manager = self.service.manager
+        live = manager.channels()
+        ids = {ch.id for ch in live}
+        archived = [a.channel for a in manager.history.recent if a.channel.id not in ids]
+        newest = sorted([*live, *archived], key=lambda ch: ch.created_at, reverse=True)
         return {"channels": [channel_summary(ch, self._owed(ch)) for ch in newest[:CHANNELS_LISTED]]}
 
     def earnings(self) -> dict:
-        settled = settling = 0
-        n_settled = n_settling = n_open = 0
+        """Live channels plus the archive's totals: every settlement ever confirmed counts."""
+        manager = self.service.manager
+        live = manager.channels()
+        # Read after the live list: a channel archived in between is in both (last_batch), once.
+        history = manager.history
+        settled, n_settled = history.settled_sat, history.settled_channels
+        settling = n_settling = n_open = 0
         open_paid = open_owed = 0
-        recent = []
-        for ch in self.service.manager.channels():
+        recent = [{"channel_id": a.channel.id, "txid": a.channel.settlement_txid, "payout_sat": a.payout,
+                   "state": a.channel.phase.value, "updated_at": a.channel.updated_at} for a in history.settlements]
+        for ch in live:
+            if ch.id in history.last_batch:
+                continue
             if ch.phase is Phase.OPEN:
                 n_open += 1
                 open_paid += ch.paid

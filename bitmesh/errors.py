@@ -86,3 +86,23 @@ class BroadcastRejected(ChainError):
 
     code = "broadcast_rejected"
     http_status = 502
+
+
+class StorageError(BitMeshError):
+    """The change could not be stored durably: it was refused, nothing was acknowledged."""
+
+    code = "storage_failed"
+    http_status = 507  # Insufficient Storage: a payer retries a 5xx later
+
+
+class StorageFull(StorageError):
+    """The router's flash is full: the change was refused, nothing was acknowledged."""
+
+    code = "storage_full"
+
+
+class KeyMismatch(BitMeshError):
+    """The seed derives another key than the one a channel was opened with: never sign with it."""
+
+    code = "seed_mismatch"
+    http_status = 500

@@ -5,27 +5,79 @@ It listens to the channel manager: a payment raises the client's allowance in th
 seconds, never in a busy loop) reads every counter with one `nft -j` call, records usage
 and cuts a client whose credit is gone under a combined tariff (with one price the kernel
 already cut it at the exact byte or second).
+
+What a client owes is one figure everywhere (session, channel object, payment answers,
+settlement): the tariff applied to the bytes the kernel counted and the seconds its billing
+clock ran (bitmesh.tariff: the clock stops while the client has no credit), never more than it
+paid. Without a gate (`bitmesh serve --no-firewall`) nothing is measured: every satoshi paid is
+owed, and the offer says so (`"metered": false`).
+
+One device, one billed channel: the grant in the kernel is keyed by MAC, so the portal refuses
+a second live channel per device; a journal written before that rule may still hold two, and
+then only the older one is granted and billed (`device_holders`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from bitmesh.channel.manager import ChannelManager
 from bitmesh.channel.state import Channel, Phase
 from bitmesh.firewall.gate import ClientUsage, Gate
 from bitmesh.firewall.ruleset import PaidClient
-from bitmesh.tariff import Tariff
+from bitmesh.tariff import seconds_billed, tariff_of
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Meter", "Reading", "Session", "device_holders", "read_usage", "tariff_of"]
 
-def tariff_of(channel: Channel) -> Tariff:
-    return Tariff(channel.sat_per_mb, channel.sat_per_minute)
+
+# --- pure decisions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A channel's usage at one moment, and what it means in money and in what is left."""
+
+    bytes_used: int
+    seconds_used: int
+    owed: int  # never more than paid
+    bytes_left: int | None  # None: no byte price
+    seconds_left: int | None  # None: no time price
+
+    @property
+    def exhausted(self) -> bool:
+        """The credit is used up: the client must pay more to go on (its clock has stopped)."""
+        return self.bytes_left == 0 or self.seconds_left == 0
+
+
+def read_usage(channel: Channel, now: int | None, kernel_bytes: int | None = None) -> Reading:
+    """`channel`'s usage at unix time `now` (None: its clock is not running) given the bytes the
+    kernel counted for it (None: not in the kernel); counts never go down."""
+    bytes_used = max(channel.bytes_used, kernel_bytes or 0)
+    if not (channel.sat_per_mb or channel.sat_per_minute):  # a record without a tariff: nothing billable
+        return Reading(bytes_used, channel.seconds_used, 0, None, None)
+    seconds = seconds_billed(channel.evolve(bytes_used=bytes_used), now)
+    tariff = tariff_of(channel)
+    owed = min(channel.paid, tariff.owed(bytes_used, seconds)) if channel.access_started_at else 0
+    allowance = tariff.allowance(channel.paid, bytes_used, seconds)
+    bytes_left = None if allowance.total_bytes is None else max(0, allowance.total_bytes - bytes_used)
+    seconds_left = None if allowance.total_seconds is None else max(0, allowance.total_seconds - seconds)
+    return Reading(bytes_used, seconds, owed, bytes_left, seconds_left)
+
+
+def device_holders(channels: Iterable[Channel]) -> dict[str, Channel]:
+    """Each device's (MAC's) one granted and billed channel: its oldest open, paid channel."""
+    live = [ch for ch in channels if ch.phase is Phase.OPEN and ch.paid and ch.client_mac and ch.client_ip]
+    holders: dict[str, Channel] = {}
+    for ch in sorted(live, key=lambda ch: (ch.created_at, ch.id)):
+        holders.setdefault(ch.client_mac, ch)
+    return holders
 
 
 @dataclass(frozen=True)
@@ -58,61 +110,77 @@ class Session:
         }
 
 
+# --- the meter -----------------------------------------------------------------------------------
+
+
 class Meter:
     def __init__(self, manager: ChannelManager, gate: Gate | None, clock: Callable[[], float] = time.time):
         self.manager = manager
         self.gate = gate
         self.clock = clock
+        # A grant (a payment, under the manager's lock) and a cut for credit (the timer thread)
+        # are decided one at a time, on the channel as it is then: a payment arriving while a
+        # meter pass finds the credit gone is never cut off after it.
+        self._lock = threading.Lock()
         manager.listeners.append(self.on_channel)
         manager.owed = self.owed
+
+    @property
+    def metered(self) -> bool:
+        """False without a gate (`bitmesh serve --no-firewall`): nothing is measured."""
+        return self.gate is not None
 
     # --- money -------------------------------------------------------------------------------
 
     def owed(self, channel: Channel) -> int:
-        """What the client owes at settlement. Without a gate nothing was metered, and what
-        was paid is the price."""
-        if not self._gated(channel):
-            return channel.paid
-        return self.metered_owed(self._measure(channel))
-
-    @staticmethod
-    def metered_owed(channel: Channel) -> int:
-        """The bill for the usage recorded on `channel`; never more than it paid (the kernel
-        stopped it there)."""
-        if not channel.access_started_at:
+        """What `channel` settles for, now: the figure every answer states as `owed` and the
+        settlement charges. Fixed once a settlement is signed."""
+        if channel.owed is not None:
+            return channel.owed
+        if not channel.paid:
             return 0
-        return min(channel.paid, tariff_of(channel).owed(channel.bytes_used, channel.seconds_used))
+        if not self.metered:
+            return channel.paid  # no meter: what was paid is the price
+        if not self._gated(channel):
+            return 0  # never had access (no MAC to grant): nothing was used
+        return self._measure(channel)[1].owed
 
-    def _measure(self, channel: Channel, usage: dict[str, ClientUsage] | None = None) -> Channel:
-        """Fresh usage from the kernel (and the clock) for one live channel."""
+    def _measure(self, channel: Channel, usage: dict[str, ClientUsage] | None = None,
+                 holds_grant: bool | None = None) -> tuple[Channel, Reading]:
+        """Fresh usage from the kernel (and the clock) for one channel; a live one keeps it. The
+        kernel's count for a device is its grant holder's alone (never billed twice)."""
         if channel.phase is not Phase.OPEN or not channel.access_started_at:
-            return channel
-        if usage is None:
-            usage = self.gate.usage() if self.gate else {}
-        live = usage.get(channel.client_mac)
-        bytes_used = max(channel.bytes_used, live.total) if live else channel.bytes_used
-        seconds_used = max(0, int(self.clock()) - channel.access_started_at)
-        allowed = tariff_of(channel).allowance(channel.paid, 0, 0).total_seconds
-        if allowed is not None and not channel.sat_per_mb:
-            seconds_used = min(seconds_used, allowed)  # time-only: nothing is used after expiry
-        return self.manager.note_usage(channel.id, bytes_used, seconds_used)
+            return channel, read_usage(channel, None)
+        if holds_grant is None:
+            holder = device_holders(self.manager.channels()).get(channel.client_mac)
+            holds_grant = self._gated(channel) and holder is not None and holder.id == channel.id
+        kernel = None
+        if holds_grant:
+            if usage is None:
+                usage = self.gate.usage() if self.gate else {}
+            live = usage.get(channel.client_mac)
+            kernel = live.total if live else None
+        reading = read_usage(channel, int(self.clock()), kernel)
+        channel = self.manager.note_usage(channel.id, reading.bytes_used, reading.seconds_used)
+        return channel, reading
 
     def session(self, channel: Channel | None) -> Session:
         if channel is None or channel.phase is Phase.AWAITING_FUNDING or not channel.paid:
             return Session("unpaid", channel)
         if channel.phase is not Phase.OPEN:
-            return Session("closed", channel, owed=channel.owed if channel.owed is not None else channel.paid)
-        channel = self._measure(channel)
-        owed = self.metered_owed(channel)
-        allowance = tariff_of(channel).allowance(channel.paid, channel.bytes_used, channel.seconds_used)
-        bytes_left = None if allowance.total_bytes is None else max(0, allowance.total_bytes - channel.bytes_used)
-        secs_left = None if allowance.total_seconds is None else max(0, allowance.total_seconds - channel.seconds_used)
-        exhausted = owed >= channel.paid or bytes_left == 0 or secs_left == 0
-        return Session("exhausted" if exhausted else "open", channel, owed, bytes_left, secs_left)
+            return Session("closed", channel, owed=self.owed(channel))
+        if not self.metered:
+            return Session("open", channel, owed=channel.paid)  # nothing measured, nothing left to show
+        if not self._gated(channel):
+            return Session("exhausted", channel, owed=0)  # the kernel can never let it in
+        channel, r = self._measure(channel)
+        return Session("exhausted" if r.exhausted else "open", channel, r.owed, r.bytes_left, r.seconds_left)
 
     # --- the kernel side ---------------------------------------------------------------------
 
     def paid_client(self, channel: Channel) -> PaidClient:
+        """The kernel's grant for `channel`: its byte allowance, and the moment its billing clock
+        reaches the seconds paid for (the clock's origin plus the seconds allowed)."""
         allowance = tariff_of(channel).allowance(channel.paid, channel.bytes_used, channel.seconds_used)
         expires_at = None
         if allowance.total_seconds is not None:
@@ -130,29 +198,43 @@ class Meter:
     def _gated(self, channel: Channel) -> bool:
         return self.gate is not None and bool(channel.client_mac and channel.client_ip)
 
+    def _grant(self, channel: Channel) -> None:
+        assert self.gate is not None
+        client = self.paid_client(channel)
+        if channel.client_mac in self.gate.clients():
+            self.gate.update_quota(channel.client_mac, quota_bytes=client.quota_bytes, expires_at=client.expires_at)
+        else:
+            self.gate.allow(client)
+        log.info("channel %s: %s paid %d sat, allowance %s bytes / until %s", channel.id, channel.client_mac,
+                 channel.paid, client.quota_bytes, client.expires_at)
+
     def on_channel(self, new: Channel, old: Channel | None) -> None:
         if not self._gated(new):
             return
         assert self.gate is not None
-        if new.phase is Phase.OPEN and new.paid:
-            client = self.paid_client(new)
-            if new.client_mac in self.gate.clients():
-                self.gate.update_quota(new.client_mac, quota_bytes=client.quota_bytes, expires_at=client.expires_at)
-            else:
-                self.gate.allow(client)
-            log.info("channel %s: %s paid %d sat, allowance %s bytes / until %s", new.id, new.client_mac,
-                     new.paid, client.quota_bytes, client.expires_at)
-        elif old is not None and old.phase is Phase.OPEN and new.phase is not Phase.OPEN:
-            self.gate.revoke(new.client_mac)
-            log.info("channel %s: %s access revoked (%s)", new.id, new.client_mac, new.phase.value)
+        with self._lock:
+            holder = device_holders(self.manager.channels()).get(new.client_mac)
+            if new.phase is Phase.OPEN and new.paid:
+                if holder is not None and holder.id != new.id:
+                    log.error("channel %s: device %s already holds channel %s; not granted", new.id,
+                              new.client_mac, holder.id)
+                    return
+                self._grant(new)
+            elif old is not None and old.phase is Phase.OPEN and new.phase is not Phase.OPEN:
+                if holder is not None and (holder.created_at, holder.id) < (new.created_at, new.id):
+                    return  # the device's grant is its older channel's, untouched
+                self.gate.revoke(new.client_mac)
+                log.info("channel %s: %s access revoked (%s)", new.id, new.client_mac, new.phase.value)
+                if holder is not None:
+                    self._grant(holder)
 
     def restore(self) -> None:
-        """After a restart: every open, paid channel's client back in the kernel, with what
-        the journal says it used (the kernel's own counters win if the table survived)."""
+        """After a restart: every device's open, paid channel back in the kernel, with what the
+        journal says it used (the kernel's own counters win if the table survived: a client that
+        used up its credit meanwhile is carried with its count, and stays cut off)."""
         if self.gate is None:
             return
-        clients = [self.paid_client(ch) for ch in self.manager.channels()
-                   if ch.phase is Phase.OPEN and ch.paid and self._gated(ch)]
+        clients = [self.paid_client(ch) for ch in device_holders(self.manager.channels()).values()]
         self.gate.start(clients)
         log.info("firewall loaded with %d paid clients", len(clients))
 
@@ -161,13 +243,19 @@ class Meter:
         if self.gate is None:
             return
         usage = self.gate.usage()
-        for channel in self.manager.channels():
-            if channel.phase is not Phase.OPEN or not channel.access_started_at or not self._gated(channel):
-                continue
-            channel = self._measure(channel, usage)
-            tariff = tariff_of(channel)
-            both = tariff.sat_per_mb and tariff.sat_per_minute
-            in_gate = channel.client_mac in self.gate.clients()
-            if both and in_gate and tariff.owed(channel.bytes_used, channel.seconds_used) >= channel.paid:
-                self.gate.revoke(channel.client_mac)  # the next payment lets it back in
+        for channel in device_holders(self.manager.channels()).values():
+            channel, reading = self._measure(channel, usage, holds_grant=True)
+            if channel.sat_per_mb and channel.sat_per_minute and reading.exhausted:
+                self._cut_if_exhausted(channel.id)
+
+    def _cut_if_exhausted(self, channel_id: str) -> None:
+        """Cut a combined-tariff client off once its credit is gone (the next payment lets it back
+        in); decided again under the lock, on the channel as it is now."""
+        assert self.gate is not None
+        with self._lock:
+            channel = self.manager.get(channel_id)
+            if channel.phase is not Phase.OPEN or channel.client_mac not in self.gate.clients():
+                return
+            if read_usage(channel, int(self.clock())).exhausted:
+                self.gate.revoke(channel.client_mac)
                 log.info("channel %s: credit used up, %s cut off", channel.id, channel.client_mac)

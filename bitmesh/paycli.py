@@ -8,6 +8,7 @@ is owed until the time is up or the deposit is spent, and closes.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from bitcoin.wallet import CKey
 from bitmesh.chain import make_backend
 from bitmesh.chain.address import p2pkh_script, p2wpkh_script
 from bitmesh.channel import contract as c
-from bitmesh.channel.payer import Coin
-from bitmesh.errors import RequestError
+from bitmesh.channel.payer import Coin, MeterBounds, PayerLimits
+from bitmesh.errors import ChannelError, RequestError
 from bitmesh.paying import PayerSession
 from bitmesh.portal.client import PortalClient, PortalError
 
@@ -55,16 +56,26 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _warn(msg: str) -> None:
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
 def run_pay(args: argparse.Namespace) -> int:
     portal = PortalClient(args.portal)
     offer = portal.offer()
     if args.chain_url:
         tip = make_backend(args.chain_kind, args.chain_url).tip_height
     else:
-        # No chain of our own: judge the expiry against the portal's tip (trusting it).
+        # No chain of our own: the expiry can only be judged against the portal's tip.
+        _warn("no --chain-url: the channel's expiry is judged against the router's own block height, "
+              "trusting the router (a router that lies about it can lock the deposit for longer than "
+              f"{PayerLimits().max_expiry_blocks} blocks); give --chain-url to check it against your own node "
+              "or explorer")
+
         def tip() -> int:
             return int(portal.offer()["tip_height"])
-    session = PayerSession(portal, tip, args.refund_address, feerate_sat_vb=args.feerate)
+    bounds = MeterBounds(max_bytes_per_second=int(args.max_link_mbps * 1_000_000 / 8))
+    session = PayerSession(portal, tip, args.refund_address, feerate_sat_vb=args.feerate, bounds=bounds)
     key = parse_key(args.fund_key)
     coins = [parse_coin(text, key) for text in args.coin]
     _say(f"offer: {offer['network']}, {offer.get('tariff')}, prepay step {offer['prepay_step_sat']} sat")
@@ -75,23 +86,35 @@ def run_pay(args: argparse.Namespace) -> int:
     funded = session.fund_from_coins(coins, p2wpkh_script(key.pub), refund_path=refund_file)
     _say(f"funding {funded['funding']} ({funded['state']}); refund transaction saved to {refund_file}")
     deadline = time.monotonic() + args.duration
-    step = session.prepay_step
+    step = session.prepay_step  # the offer's, fixed at open: later answers never raise it
     ended = None
+    refusal: ChannelError | None = None
     while time.monotonic() < deadline:
         try:
             if ended := _pay_round(session, portal, step, args.session):
                 break
+        except ChannelError as e:
+            if e.code != "owed_implausible":
+                raise
+            # The router asks for more than the meter's own figures can account for: no more
+            # payments; close so that what was paid settles and the rest comes back.
+            _say(f"refused: {e.code}: {e.message}")
+            refusal = e
+            break
         except (OSError, PortalError) as e:
             # The router restarting (procd respawns it) or a lost request: the channel and the
             # kernel's grant survive it, so keep going; a refusal of the channel itself ends it.
             if isinstance(e, PortalError) and e.http_status < 500:
                 raise
-            _say(f"portal unreachable ({e}); retrying")
+            # e.g. storage_full: nothing was acknowledged; or a router restarting
+            what = f"{e.code}: {e.message}" if isinstance(e, PortalError) else f"portal unreachable ({e})"
+            _say(f"{what}; retrying")
         time.sleep(args.interval)
-    if args.no_close or ended == "closed":
-        return 0
-    closed = session.close()
-    _say(f"closed: state {closed['state']}, settlement {closed['settlement_txid']}")
+    if not args.no_close and ended != "closed":
+        closed = session.close()
+        _say(f"closed: state {closed['state']}, settlement {closed['settlement_txid']}")
+    if refusal is not None:
+        raise refusal  # the command fails with the refusal's code
     return 0
 
 
@@ -99,12 +122,14 @@ def _pay_round(session: PayerSession, portal: PortalClient, step: int, ask_meter
     """One look at the meter and, when credit is below half a step, one payment. Says why
     there is nothing left to do ("spent": deposit paid and used; "closed": by the router)."""
     s = portal.session() if ask_meter else None
-    owed = s["owed"] if s else 0
     ch = session.channel
     assert ch is not None
     if s and s["state"] == "closed":
         _say(f"channel closed by the router ({s['channel_state']})")
         return "closed"
+    if s and s.get("channel_id") != session.channel_id:
+        s = None  # another channel of this address (an older one): not what we pay for
+    owed = session.checked_owed(s) if s else 0  # never the router's word alone
     if ch.paid - owed < max(1, step // 2) and ch.paid < ch.deposit:
         answer = session.pay_for(owed)
         _say(f"paid {answer['paid']} sat (owed {owed}, used {s['bytes_used'] if s else 0} bytes / "
@@ -123,11 +148,15 @@ def add_parser(sub) -> None:
     pay.add_argument("--fund-key", required=True, help="private key (hex or WIF) holding the coins")
     pay.add_argument("--coin", action="append", required=True, help="TXID:VOUT:SATS[:p2pkh] of that key")
     pay.add_argument("--refund-file", help="where to keep the signed refund (default refund-<id>.hex)")
-    pay.add_argument("--chain-url", help="your own chain view, to check the expiry (default: the portal's)")
+    pay.add_argument("--chain-url", help="your own node or explorer (Esplora or Core RPC URL), to check the "
+                     "channel's expiry; without it the router's block height is trusted (a warning says so)")
     pay.add_argument("--chain-kind", choices=("core", "esplora"), default="esplora")
     pay.add_argument("--feerate", type=float, default=2.0, help="sat/vB for funding and refund")
     pay.add_argument("--duration", type=float, default=60.0, help="seconds to stay connected")
     pay.add_argument("--interval", type=float, default=1.0, help="seconds between session checks")
+    pay.add_argument("--max-link-mbps", type=float, default=2400.0,
+                     help="fastest this link can be (upload plus download): more usage than that in the time "
+                     "since the first payment is not paid for")
     pay.add_argument("--no-session", dest="session", action="store_false",
                      help="do not ask the meter; pay one step at a time")
     pay.add_argument("--no-close", action="store_true", help="leave the channel open")

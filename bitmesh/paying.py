@@ -7,15 +7,27 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bitcoin.wallet import CKey
 
 from bitmesh.chain.address import address_to_script
 from bitmesh.channel import contract as c
-from bitmesh.channel.payer import Coin, PayerChannel, PayerLimits, build_funding, check_terms
+from bitmesh.channel.payer import (
+    Coin,
+    MeterBounds,
+    OfferTerms,
+    PayerChannel,
+    PayerLimits,
+    build_funding,
+    check_meter,
+    check_terms,
+    offer_terms,
+    unmetered_owed,
+)
 from bitmesh.portal.client import PortalClient, PortalError
 
 log = logging.getLogger(__name__)
@@ -28,15 +40,22 @@ class PayerSession:
     refund_address: str
     limits: PayerLimits = PayerLimits()
     feerate_sat_vb: float = 2.0
+    bounds: MeterBounds = MeterBounds()
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     channel: PayerChannel | None = None
     channel_id: str | None = None
-    prepay_step: int = 0
+    terms: OfferTerms | None = None  # the offer's step and tariff, fixed at open
     network: str = ""
+    access_since: float | None = None  # clock() when the first payment left: the meter runs from there
+
+    @property
+    def prepay_step(self) -> int:
+        return self.terms.prepay_step if self.terms else 0
 
     def open(self, deposit: int, client_key: CKey | None = None) -> dict:
         offer = self.portal.offer()
         self.network = offer["network"]
-        self.prepay_step = int(offer["prepay_step_sat"])
+        self.terms = offer_terms(offer)  # later answers never change them
         key = client_key or CKey(secrets.token_bytes(32))
         refund_script = address_to_script(self.refund_address, self.network)
         terms = self.portal.open_channel(bytes(key.pub), deposit, self.refund_address)
@@ -56,6 +75,17 @@ class PayerSession:
             refund_path.write_text(refund.serialize().hex() + "\n")
         return self.portal.fund(self.channel_id or "", raw_tx=funding_tx.serialize(), vout=0)
 
+    def checked_owed(self, report: dict) -> int:
+        """What to pay for, from a session report: the router's `owed`, refused (owed_implausible)
+        unless the elapsed time, the bytes and the tariff fixed at open account for it; from an
+        unmetered router (its `owed` is all that was paid), this payer's own clock."""
+        ch = self._open_channel()
+        assert self.terms is not None
+        elapsed = None if self.access_since is None else self.clock() - self.access_since
+        if not self.terms.metered:
+            return unmetered_owed(self.terms.tariff, elapsed)
+        return check_meter(report, self.terms.tariff, max(ch.signed_max, ch.paid), elapsed, self.bounds)
+
     def pay_for(self, owed: int) -> dict:
         """Sign for what is owed plus one prepay step (never more) and send it."""
         ch = self._open_channel()
@@ -66,6 +96,8 @@ class PayerSession:
 
     def pay_exact(self, amount: int) -> dict:
         ch = self._open_channel()
+        if self.access_since is None:
+            self.access_since = self.clock()  # before it leaves: the router's meter starts later
         try:
             answer = self.portal.pay(self.channel_id or "", ch.payment_message(amount))
         except PortalError as e:

@@ -50,6 +50,7 @@ def policy_from_settings(settings: Settings) -> ChannelPolicy:
         expiry_blocks=settings.expiry_blocks,
         settle_margin_blocks=settings.settle_margin_blocks,
         zero_conf_max_sat=settings.zero_conf_max_sat,
+        zero_conf_total_max_sat=settings.zero_conf_total_max_sat,
         min_conf=settings.min_conf,
         prepay_step_sat=settings.prepay_step_sat,
         sat_per_mb=settings.price_sat_per_mb,
@@ -284,8 +285,10 @@ def build_service(settings: Settings, listen: list[tuple[str, int]] | None = Non
                   nft: Nft | None = None, ubus: bool = False, ubus_socket: str | None = None) -> Service:
     """`listen` defaults to the LAN addresses only: the portal is never served to the WAN."""
     state_dir = Path(settings.state_dir)
-    keychain = ChannelKeychain(load_or_create_seed(state_dir / "seed"))
     ledger = Ledger(state_dir / "channels.journal")
+    # Only a first start (no journal, no archive) creates a seed: with channels on record a missing
+    # seed stops the start (seed_missing), and a wrong one too (seed_mismatch, ChannelManager).
+    keychain = ChannelKeychain(load_or_create_seed(state_dir / "seed", create=not ledger.on_record()))
     manager = ChannelManager(policy_from_settings(settings), ledger, keychain, chain or chain_from_settings(settings))
     lan = resolve_lan(settings.interface) if firewall or not listen else None
     gate = Gate(firewall_from_settings(settings, lan), nft=nft) if firewall and lan else None

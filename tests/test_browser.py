@@ -24,6 +24,8 @@ from bitmesh.channel import contract as c
 from bitmesh.errors import BroadcastRejected
 from tests.support.browser import OUTPUT, PHONE, collect_errors, launch_chromium, phone_context_args
 from tests.support.coins import NETWORK, Coin, new_key, sign_p2wpkh_spend
+from tests.support.esplora_server import EsploraTestServer
+from tests.support.faults import LyingPortal
 from tests.support.hotspot import Hotspot, confirmed_tx, mine_to
 
 pytestmark = [pytest.mark.browser, pytest.mark.regtest]
@@ -49,8 +51,9 @@ def page(browser: Browser) -> Iterator[Page]:
 
 @pytest.fixture
 def metered_hotspot(bcoin, faucet, tmp_path: Path) -> Iterator[Hotspot]:
-    """A portal whose price runs fast (500 sat per second) so the meter's `owed` grows between two
-    polls of the page and the wallet must keep paying on its own."""
+    """A portal whose price runs fast (500 sat per second) so what is owed grows between two polls
+    of the page and the wallet must keep paying on its own. It has no gate ("metered": false: its
+    `owed` is all that was paid), so the page pays for the time its own clock counts."""
     rig = Hotspot.start(bcoin, faucet, tmp_path / "state", sat_per_mb=10, sat_per_minute=30_000)
     yield rig
     rig.stop()
@@ -63,10 +66,20 @@ def funding_for(hotspot: Hotspot, funding_script: bytes, deposit: int) -> CTrans
     return sign_p2wpkh_spend(key, [coin], [(p2wpkh_script(key.pub), 7_000), (funding_script, deposit)])
 
 
-def open_channel(page: Page, hotspot: Hotspot, deposit: int) -> dict:
-    page.goto(hotspot.url + "/")
+@pytest.fixture
+def explorer(bcoin) -> Iterator[EsploraTestServer]:
+    """An Esplora explorer over the node (a third party the router cannot answer for)."""
+    with EsploraTestServer(bcoin) as server:
+        yield server
+
+
+def open_channel(page: Page, hotspot: Hotspot, deposit: int, explorer: str | None = None,
+                 base: str | None = None) -> dict:
+    page.goto((base or hotspot.url) + "/")
     expect(page.locator("#step-open")).to_be_visible()
     page.fill("#deposit", str(deposit))
+    if explorer is not None:
+        page.fill("#explorer-url", explorer)
     page.click("#open-btn")
     expect(page.locator("#step-fund")).to_be_visible()
     channel_id = page.locator("#channel-id").inner_text().strip()
@@ -143,13 +156,16 @@ def test_splash_page_on_a_phone_shows_the_price_and_the_form(page: Page, hotspot
 
 
 def test_whole_splash_flow_pays_automatically_survives_a_reload_and_settles_exactly(
-        page: Page, metered_hotspot: Hotspot):
+        page: Page, metered_hotspot: Hotspot, explorer: EsploraTestServer):
     hotspot = metered_hotspot
     deposit = 100_000
     page.goto(hotspot.url + "/")
     refund_script = address_to_script(page.locator("#refund-address").input_value(), NETWORK)
-    ch = open_channel(page, hotspot, deposit)
+    ch = open_channel(page, hotspot, deposit, explorer=explorer.url)
     channel_id = ch["channel_id"]
+    # the expiry was judged against the explorer's height, and the page says so
+    expect(page.locator("#tip-note")).to_have_text(
+        f"Expiry checked against block {hotspot.node.height()} from {explorer.url.removeprefix('http://')}.")
     assert ch["refund_script"] == refund_script.hex()
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / "splash-fund.png"), full_page=True)
@@ -211,12 +227,14 @@ def test_whole_splash_flow_pays_automatically_survives_a_reload_and_settles_exac
     fee = deposit - sum(v for v, _ in outs)
     unused = paid - owed
     assert 0 < fee < 2_000
-    expected = [(deposit - paid, refund_script)]  # the change the page signed, exactly
+    assert outs[0] == (deposit - paid, refund_script)  # the change the page signed, exactly
+    # the owner's share, less the fee, to the router (its script is the router's business)
+    owner_value, owner_script = outs[1]
+    assert owner_script != refund_script
     if unused >= c.DUST_LIMIT_SAT:
-        expected += [(owed - fee, hotspot.payout_script), (unused, refund_script)]
+        assert (owner_value, outs[2:]) == (owed - fee, [(unused, refund_script)])
     else:
-        expected += [(paid - fee, hotspot.payout_script)]  # a dust remainder goes to the fee payer
-    assert outs == expected
+        assert (owner_value, outs[2:]) == (paid - fee, [])  # a dust remainder goes to the fee
 
     page.click("#forget-btn")
     expect(page.locator("#step-open")).to_be_visible()
@@ -226,8 +244,9 @@ def test_whole_splash_flow_pays_automatically_survives_a_reload_and_settles_exac
 
 def test_refund_from_the_page_is_kept_across_a_reload_and_mined_after_expiry(page: Page, hotspot: Hotspot):
     deposit = 60_000
-    ch = open_channel(page, hotspot, deposit)
+    ch = open_channel(page, hotspot, deposit)  # no explorer set: on a test chain, the router's height, said so
     channel_id = ch["channel_id"]
+    expect(page.locator("#tip-note")).to_contain_text("as the router tells it")
     script = bytes.fromhex(ch["funding_script"])
 
     # a funding the node refuses (its coin does not exist): the router's error is shown in words
@@ -262,3 +281,89 @@ def test_refund_from_the_page_is_kept_across_a_reload_and_mined_after_expiry(pag
     mined = confirmed_tx(hotspot.node, txid)
     assert bytes(mined.vout[0].scriptPubKey).hex() == ch["refund_script"]
     assert mined.vout[0].nValue == refund.vout[0].nValue
+
+
+# --- a router that lies to the page --------------------------------------------------------------
+
+
+def fund_through_page(page: Page, hotspot: Hotspot, ch: dict) -> None:
+    funding_tx = funding_for(hotspot, bytes.fromhex(ch["funding_script"]), ch["deposit"])
+    page.fill("#funding-tx", funding_tx.serialize().hex())
+    download_refund(page, ch["channel_id"])
+    page.click("#submit-funding")
+    expect(page.locator("#step-session")).to_be_visible()
+
+
+@pytest.fixture
+def far_expiry(bcoin, faucet, tmp_path: Path) -> Iterator[tuple[Hotspot, LyingPortal]]:
+    """A router that locks deposits for 1500 blocks (more than the page's 1008) and hides it by
+    telling a tip 1000 blocks ahead of the real one."""
+    rig = Hotspot.start(bcoin, faucet, tmp_path / "state", expiry_blocks=1500)
+    proxy = LyingPortal(rig.url)
+    proxy.lie("/api/offer", lambda offer: {**offer, "tip_height": offer["tip_height"] + 1000})
+    yield rig, proxy
+    proxy.close()
+    rig.stop()
+
+
+def test_page_judges_the_expiry_by_the_explorer_not_the_routers_word(
+        page: Page, far_expiry, explorer: EsploraTestServer):
+    hotspot, liar = far_expiry
+    page.goto(liar.url + "/")
+    expect(page.locator("#step-open")).to_be_visible()
+    page.fill("#deposit", "50000")
+    page.fill("#explorer-url", explorer.url)
+    page.click("#open-btn")
+    real = hotspot.node.height()
+    expect(page.locator("#error")).to_contain_text(
+        f"The channel would expire at block {real + 1500}, outside {real + 6} to {real + 1008}.")
+    expect(page.locator("#step-open")).to_be_visible()  # nothing to fund: the page never went on
+    assert page.evaluate("localStorage.getItem('bitmesh.wallet.v1')") is None
+    assert page.evaluate("JSON.parse(localStorage.getItem('bitmesh.explorer.v1'))") == {NETWORK: explorer.url}
+    # the explorer the user set is kept for the next visit
+    page.reload()
+    expect(page.locator("#explorer-url")).to_have_value(explorer.url)
+    # on this test chain without an explorer, the router's word is all there is, and the lie passes
+    page.fill("#explorer-url", "")
+    page.click("#open-btn")
+    expect(page.locator("#step-fund")).to_be_visible()
+    expect(page.locator("#tip-note")).to_contain_text(f"block {real + 1000} as the router tells it")
+
+
+@pytest.fixture
+def liar(hotspot: Hotspot) -> Iterator[LyingPortal]:
+    """The hotspot behind a proxy whose offer claims a meter (so its figures are checked)."""
+    proxy = LyingPortal(hotspot.url)
+    proxy.lie("/api/offer", lambda offer: {**offer, "metered": True})
+    yield proxy
+    proxy.close()
+
+
+def _paid_after_polls(hotspot: Hotspot, channel_id: str, polls: int = 3) -> int:
+    wait_for(lambda: hotspot.manager.get(channel_id).paid, 10, "the first payment")
+    time.sleep(polls * 2.1)  # the page polls the session every 2 s
+    return hotspot.manager.get(channel_id).paid
+
+
+def test_page_keeps_the_prepay_step_of_the_offer(page: Page, hotspot: Hotspot, liar: LyingPortal,
+                                                 explorer: EsploraTestServer):
+    # every session answer asks for the whole deposit as the step (and nothing is used)
+    liar.lie("/api/session", lambda s: {**s, "prepay_step_sat": s["deposit"] or 100_000, "owed": 0,
+                                        "credit": s["paid"]})
+    ch = open_channel(page, hotspot, 100_000, explorer=explorer.url, base=liar.url)
+    fund_through_page(page, hotspot, ch)
+    assert _paid_after_polls(hotspot, ch["channel_id"]) == hotspot.policy.prepay_step_sat
+
+
+def test_page_refuses_an_owed_its_router_cannot_account_for(page: Page, hotspot: Hotspot, liar: LyingPortal,
+                                                           explorer: EsploraTestServer):
+    # after the first payment the router says all of it is used, though it measured nothing
+    liar.lie("/api/session", lambda s: {**s, "owed": s["paid"], "credit": 0})
+    ch = open_channel(page, hotspot, 100_000, explorer=explorer.url, base=liar.url)
+    fund_through_page(page, hotspot, ch)
+    assert _paid_after_polls(hotspot, ch["channel_id"]) == hotspot.policy.prepay_step_sat
+    expect(page.locator("#error")).to_contain_text("The router says 1000 sat are owed, but what it measured costs "
+                                                   "0 sat at the price agreed when the channel opened. "
+                                                   "This page does not pay it.")
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "splash-owed-refused.png"), full_page=True)

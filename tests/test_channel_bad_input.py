@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from bitcoin.core import CMutableTransaction, CScript, CTransaction, CTxOut
 from bitcoin.core.script import SIGHASH_ALL
+from bitcoin.wallet import CKey
 
 from bitmesh.chain.address import p2wpkh_script
+from bitmesh.chain.esplora import EsploraBackend
+from bitmesh.chain.txutil import txid_of
 from bitmesh.channel import contract as c
 from bitmesh.channel.payer import Coin as PayerCoin
 from bitmesh.channel.payer import build_funding
 from bitmesh.paying import PayerSession
-from tests.support.coins import new_key
+from bitmesh.portal.client import PortalError
+from tests.support.coins import Coin, new_key, sign_p2wpkh_spend
+from tests.support.esplora_server import EsploraTestServer
 from tests.support.hotspot import Hotspot
 
 pytestmark = pytest.mark.regtest
@@ -99,7 +104,13 @@ PAYMENT_CASES = {
     "change_of_another_amount": (lambda p: _signed(p, 20_000, _change_amount(+500)), "change_amount_mismatch"),
     "amount_field_lies_about_signed_change": (
         lambda p: {**_signed(p, 20_000), "amount": 21_000}, "change_amount_mismatch"),
-    "dust_change": (lambda p: _signed(p, DEPOSIT - 500, _dust_change(p), c.SIGHASH_PAYMENT), "change_dust"),
+    "dust_change": (lambda p: _signed(p, DEPOSIT - 500, _dust_change(p), c.SIGHASH_PAYMENT),
+                    "payment_dust_change"),
+    # the same amount signed "pay everything" without the output: the 500 sat would go to miners
+    "dust_change_dropped_to_fee": (lambda p: _signed(p, DEPOSIT - 500, hashtype=c.SIGHASH_PAYMENT_ALL),
+                                   "payment_dust_change"),
+    "one_sat_change_dropped_to_fee": (lambda p: _signed(p, DEPOSIT - 1, hashtype=c.SIGHASH_PAYMENT_ALL),
+                                      "payment_dust_change"),
     "other_input": (lambda p: _signed(p, 20_000, lambda tx: setattr(tx.vin[0], "nSequence", 0xFFFFFFFF)),
                     "payment_tx_invalid"),
     "signature_not_der": (lambda p: {**_signed(p, 20_000), "signature": "30" + "00" * 70 + "83"},
@@ -184,3 +195,148 @@ def test_wrong_funding_is_refused_and_channel_keeps_waiting(hotspot: Hotspot, ca
     assert (status, answer["error"]["code"]) == (400, code)
     assert _snapshot(hotspot, payer.channel_id) == before
     assert before[0]["state"] == "awaiting_funding"
+
+
+# --- fundings the router must not use before they confirm (0-conf) ------------------------------
+
+FINAL = 0xFFFFFFFF
+RBF = 0xFFFFFFFD  # BIP125: any input below 0xfffffffe signals replaceability
+
+
+def _own_coin(hotspot: Hotspot, value: int, confirm: bool = False) -> tuple[CKey, Coin]:
+    key = new_key()
+    coin, _ = hotspot.faucet.pay(p2wpkh_script(key.pub), value)
+    if confirm:
+        hotspot.mine(1)
+    return key, coin
+
+
+def _spend(key: CKey, coin: Coin, to: bytes, value: int, fee: int, sequence: int = FINAL) -> CTransaction:
+    """`value` to `to` (output 0), the rest less `fee` back to `key` (output 1)."""
+    return sign_p2wpkh_spend(key, [coin], [(to, value), (p2wpkh_script(key.pub), coin.value - value - fee)],
+                             sequence=sequence)
+
+
+def _submit(hotspot: Hotspot, payer: PayerSession, tx: CTransaction) -> tuple[int, dict]:
+    body = json.dumps({"tx": tx.serialize().hex(), "vout": 0}).encode()
+    return _post(hotspot, f"/api/channels/{payer.channel_id}/funding", body)
+
+
+def _wait_then_open(hotspot: Hotspot, payer: PayerSession, funding: CTransaction) -> None:
+    """The channel waits (no payment taken) until its funding confirms, then opens."""
+    payer.channel.prepare_refund(c.Outpoint(txid_of(funding), 0), 2.0)
+    with pytest.raises(PortalError) as refused:
+        payer.pay_exact(1_000)
+    assert refused.value.code == "channel_not_open"
+    hotspot.mine(1)
+    hotspot.manager.watch()
+    assert hotspot.state(payer) == "open"
+    assert payer.pay_exact(1_000)["paid"] == 1_000
+
+
+def _parent_then_funding(hotspot: Hotspot, contract_script: bytes, parent_fee: int, parent_sequence: int,
+                         funding_fee: int) -> tuple[CTransaction, CTransaction]:
+    """An unconfirmed parent (its own input confirmed) and a funding spending it."""
+    key, coin = _own_coin(hotspot, 60_000, confirm=True)
+    parent = sign_p2wpkh_spend(key, [coin], [(p2wpkh_script(key.pub), coin.value - parent_fee)],
+                               sequence=parent_sequence)
+    hotspot.chain.broadcast(parent.serialize())
+    mid = Coin(txid_of(parent), 0, coin.value - parent_fee, p2wpkh_script(key.pub))
+    return parent, _spend(key, mid, contract_script, 50_000, funding_fee)
+
+
+# Sizes: a 1-in 2-out funding is 153 vB, a 1-in 1-out parent 110 vB; regtest has no fee estimate,
+# so 0-conf needs the fallback 2 sat/vB (bitmesh.chain.base.FALLBACK_FEERATE_SAT_VB).
+FUNDING_CASES = {
+    "timely_and_final": (lambda h, s: (None, _spend(*_own_coin(h, 60_000), s, 50_000, 2_000)), "open"),
+    "signals_rbf": (lambda h, s: (None, _spend(*_own_coin(h, 60_000), s, 50_000, 2_000, RBF)), "funding_unconfirmed"),
+    "low_feerate": (lambda h, s: (None, _spend(*_own_coin(h, 60_000), s, 50_000, 200)), "funding_unconfirmed"),
+    # 350 sat is 2.3 sat/vB alone, but 1.8 with the parent it needs to be mined
+    "low_fee_parent": (lambda h, s: _parent_then_funding(h, s, 130, FINAL, 350), "funding_unconfirmed"),
+    "low_fee_parent_paid_for_by_the_funding": (lambda h, s: _parent_then_funding(h, s, 130, FINAL, 1_500), "open"),
+    "rbf_parent": (lambda h, s: _parent_then_funding(h, s, 2_000, RBF, 2_000), "funding_unconfirmed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FUNDING_CASES))
+def test_zero_conf_only_for_a_timely_final_funding_with_its_unconfirmed_parents_judged(hotspot: Hotspot, case):
+    make, state = FUNDING_CASES[case]
+    payer = hotspot.open_payer(50_000)
+    _, funding = make(hotspot, payer.channel.contract.script_pubkey)
+    status, answer = _submit(hotspot, payer, funding)
+    assert status == 200, answer
+    assert answer["state"] == state and answer["funding"] == f"{txid_of(funding)}:0"
+    assert answer["funding_confirmations"] == 0
+    if state == "open":
+        payer.channel.prepare_refund(c.Outpoint(txid_of(funding), 0), 2.0)
+        assert payer.pay_exact(1_000)["paid"] == 1_000
+    else:
+        _wait_then_open(hotspot, payer, funding)
+
+
+def test_zero_conf_total_cap_over_several_channels(bcoin, faucet, tmp_path):
+    """Each deposit is under the per-channel cap; the third would take the unconfirmed total
+    over zero_conf_total_max_sat and waits, until the first ones confirm."""
+    rig = Hotspot.start(bcoin, faucet, tmp_path / "state", zero_conf_max_sat=100_000,
+                        zero_conf_total_max_sat=150_000)
+    try:
+        first, second, third = (rig.funded_payer(60_000) for _ in range(3))
+        assert [rig.state(p) for p in (first, second, third)] == ["open", "open", "funding_unconfirmed"]
+        assert first.pay_exact(1_000)["paid"] == 1_000
+        with pytest.raises(PortalError) as refused:
+            third.pay_exact(1_000)
+        assert refused.value.code == "channel_not_open"
+        # a 30 000 sat deposit still fits beside the two (120 000 in use)
+        small = rig.funded_payer(30_000)
+        assert rig.state(small) == "open"
+        rig.mine(1)
+        rig.manager.watch()
+        assert rig.state(third) == "open"
+        assert third.pay_exact(1_000)["paid"] == 1_000
+        # nothing unconfirmed is in use any more: the whole total is free again
+        fourth, fifth = rig.funded_payer(100_000), rig.funded_payer(50_000)
+        assert [rig.state(fourth), rig.state(fifth)] == ["open", "open"]
+        assert rig.state(rig.funded_payer(20_000)) == "funding_unconfirmed"
+    finally:
+        rig.stop()
+
+
+@pytest.fixture
+def esplora_hotspot(bcoin, faucet, tmp_path) -> Iterator[tuple[Hotspot, EsploraTestServer]]:
+    """A hotspot whose chain backend is Esplora (the test server over the node), which a test
+    can make lie about a transaction's bytes."""
+    with EsploraTestServer(bcoin) as server:
+        rig = Hotspot.start(bcoin, faucet, tmp_path / "state")
+        rig.manager.chain = rig.chain = EsploraBackend(server.url)
+        try:
+            yield rig, server
+        finally:
+            rig.stop()
+
+
+def test_txid_funding_whose_backend_bytes_are_another_transaction_is_refused(esplora_hotspot):
+    """The payer names a real transaction (txid:vout) that does not pay the contract; the
+    backend answers, for that txid, crafted bytes that do. They do not hash to the txid."""
+    hotspot, server = esplora_hotspot
+    payer = hotspot.open_payer(50_000)
+    script = payer.channel.contract.script_pubkey
+    key, coin = _own_coin(hotspot, 60_000)  # coin.txid: a real transaction, output 0 is unspent
+    crafted = _spend(key, coin, script, 50_000, 2_000)  # pays the contract, never broadcast
+    server.tx_hex_override[coin.txid] = crafted.serialize().hex()
+    before = _snapshot(hotspot, payer.channel_id)
+    body = json.dumps({"txid": coin.txid, "vout": 0}).encode()
+    status, answer = _post(hotspot, f"/api/channels/{payer.channel_id}/funding", body)
+    assert (status, answer["error"]["code"]) == (502, "funding_txid_mismatch"), answer
+    assert _snapshot(hotspot, payer.channel_id) == before and before[0]["state"] == "awaiting_funding"
+    # garbage bytes are refused the same way
+    server.tx_hex_override[coin.txid] = "00"
+    status, answer = _post(hotspot, f"/api/channels/{payer.channel_id}/funding", body)
+    assert (status, answer["error"]["code"]) == (502, "funding_txid_mismatch"), answer
+    assert _snapshot(hotspot, payer.channel_id) == before
+    # an honest backend: the real funding by txid is taken
+    del server.tx_hex_override[coin.txid]
+    funding = _spend(key, coin, script, 50_000, 2_000)
+    hotspot.chain.broadcast(funding.serialize())
+    status, answer = _post(hotspot, f"/api/channels/{payer.channel_id}/funding",
+                           json.dumps({"txid": txid_of(funding), "vout": 0}).encode())
+    assert (status, answer["state"]) == (200, "open"), answer

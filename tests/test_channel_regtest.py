@@ -42,12 +42,19 @@ def test_open_fund_100_payments_and_cooperative_close_pays_both_sides_exactly(ho
     outs = [(o.nValue, bytes(o.scriptPubKey)) for o in tx.vout]
     refund_script = payer.channel.refund_script
     fee = deposit - sum(v for v, _ in outs)
+    hold = c.hold_script(payer.channel.contract.server_pubkey)
     assert outs[0] == (deposit - 100_000, refund_script)  # the change the client signed, exactly
-    assert outs[1] == (97_400 - fee, hotspot.payout_script)  # the owner's earnings, less the fee
+    assert outs[1] == (97_400 - fee, hold)  # the owner's earnings, less the fee, on the router's hold output
     assert outs[2] == (2_600, refund_script)  # unused credit back to the client
     assert 0 < fee < 2_000
     hotspot.manager.watch()
-    assert hotspot.manager.get(payer.channel_id).phase is Phase.SETTLED
+    settled = hotspot.manager.get(payer.channel_id)
+    assert settled.phase is Phase.SETTLED and settled.payout_txid
+    # the hold output moves on to the owner's payout address once the settlement is in a block
+    hotspot.mine(1)
+    payout = confirmed_tx(hotspot.node, settled.payout_txid)
+    assert [bytes(o.scriptPubKey) for o in payout.vout] == [hotspot.payout_script]
+    assert 0 < outs[1][0] - payout.vout[0].nValue < 1_000
 
 
 def test_funding_above_the_risk_cap_waits_for_min_conf(hotspot: Hotspot):
@@ -98,7 +105,7 @@ def test_channel_settles_by_itself_at_the_expiry_margin(hotspot: Hotspot):
     hotspot.mine(1)
     tx = confirmed_tx(hotspot.node, channel.settlement_txid)
     assert tx.vout[0].nValue == 65_000 and bytes(tx.vout[0].scriptPubKey) == payer.channel.refund_script
-    assert bytes(tx.vout[1].scriptPubKey) == hotspot.payout_script
+    assert bytes(tx.vout[1].scriptPubKey) == c.hold_script(payer.channel.contract.server_pubkey)
     hotspot.manager.watch()
     assert hotspot.manager.get(payer.channel_id).phase is Phase.SETTLED
 

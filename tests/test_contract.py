@@ -9,6 +9,7 @@ from bitcoin.wallet import CKey
 from bitmesh.chain.address import AddressError, address_to_script, p2wpkh_script, script_to_address
 from bitmesh.channel import contract as c
 from bitmesh.channel.keys import _ckd_hardened
+from bitmesh.errors import ChannelError
 
 CLIENT = CKey(hashlib.sha256(b"client").digest())
 SERVER = CKey(hashlib.sha256(b"server").digest())
@@ -69,7 +70,7 @@ def test_sighash_type_switches_to_none_when_change_is_dust():
 
 @pytest.mark.parametrize(
     "paid, owed, feerate",
-    [(50_000, 50_000, 2.0), (50_000, 30_000, 2.0), (50_000, 49_700, 2.0), (1_000, 100, 5.0), (100_000, 100_000, 1.0)],
+    [(50_000, 50_000, 2.0), (50_000, 30_000, 2.0), (50_000, 49_700, 2.0), (1_000, 700, 0.5), (100_000, 100_000, 1.0)],
 )
 def test_settlement_plan_conserves_the_deposit_and_never_touches_the_signed_change(paid, owed, feerate):
     refund, payout = p2wpkh_script(CLIENT.pub), p2wpkh_script(SERVER.pub)
@@ -78,12 +79,22 @@ def test_settlement_plan_conserves_the_deposit_and_never_touches_the_signed_chan
     expected_change = 100_000 - paid if 100_000 - paid >= c.DUST_LIMIT_SAT else 0
     assert plan.client_change == expected_change
     assert plan.client_change + plan.server_payout + plan.client_unused + plan.fee == 100_000
-    # the fee is what the feerate asks, unless the server's whole share is smaller than that
-    pot = 100_000 - plan.client_change
-    assert plan.fee >= min(pot, feerate * c.settlement_vsize(1, refund, payout, script) - 1)
-    assert plan.server_payout <= owed
-    for amount in (plan.server_payout, plan.client_unused):
-        assert amount == 0 or amount >= c.DUST_LIMIT_SAT
+    # the fee is what the feerate asks, paid from the owner's share; unused credit is returned
+    # in full, or (below dust) dropped into the fee: the client never pays more than 545 sat of it
+    asked = c.fee_for(feerate, c.settlement_vsize(1, refund, payout, script))
+    unused = paid - owed
+    assert plan.server_payout == owed - asked >= c.DUST_LIMIT_SAT
+    assert plan.client_unused == (unused if unused >= c.DUST_LIMIT_SAT else 0)
+    assert plan.fee == asked + (unused - plan.client_unused)
+
+
+def test_a_settlement_the_owners_share_cannot_pay_is_uneconomic_not_paid_by_the_client():
+    """The old plan took the fee out of the client's unused credit when the owner's share fell short."""
+    refund, payout = p2wpkh_script(CLIENT.pub), p2wpkh_script(SERVER.pub)
+    script = c.Contract(bytes(SERVER.pub), bytes(CLIENT.pub), 1500).witness_script
+    with pytest.raises(ChannelError) as refused:
+        c.plan_settlement(100_000, 1_000, 100, 5.0, refund, payout, script)
+    assert refused.value.code == "settlement_uneconomic"
 
 
 def test_addresses_round_trip_on_every_network_and_refuse_foreign_ones():

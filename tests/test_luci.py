@@ -206,6 +206,24 @@ def test_settings_defaults_and_limits_are_the_services():
     assert int(re.search(r"var DUST_SAT = (\d+);", source).group(1)) == config.DUST_SAT
 
 
+def test_zero_conf_total_cap_is_a_form_option_validated_as_the_service_does():
+    """The total 0-conf cap (issue 9): the same whole-number range as the per-channel cap, its
+    default the service's, and the service refuses what the form refuses."""
+    source = SETTINGS_JS.read_text()
+    block = _option_block(source, "zero_conf_total_max_sat")
+    assert "s.taboption('channels', form.Value, 'zero_conf_total_max_sat'" in source
+    assert "o.validate = whole(0, MAX_SAT);" in block and "DEFAULTS.zero_conf_total_max_sat" in block
+    assert config.Settings().zero_conf_total_max_sat == 100_000
+    assert "option zero_conf_total_max_sat '100000'" in UCI_CONFIG.read_text()
+    for bad in ("-1", "x", str(config.MAX_SAT + 1)):
+        with pytest.raises(config.ConfigError, match="zero_conf_total_max_sat"):
+            config.Settings.from_dict({"zero_conf_total_max_sat": bad})
+    assert config.Settings.from_dict({"zero_conf_total_max_sat": "0"}).zero_conf_total_max_sat == 0
+    # emptied in the form (the option removed): five channels at the per-channel cap, as the form says
+    assert "Empty: five times the per-channel cap." in block
+    assert config.Settings.from_dict({"zero_conf_max_sat": "30000"}).zero_conf_total_max_sat == 150_000
+
+
 # --- menu, JSON, Makefile ----------------------------------------------------------------------
 
 

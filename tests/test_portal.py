@@ -8,7 +8,7 @@ import json
 import pytest
 
 from bitmesh.portal.client import PortalClient, PortalError
-from tests.support.hotspot import Hotspot
+from tests.support.hotspot import Hotspot, confirmed_tx
 
 pytestmark = pytest.mark.regtest
 
@@ -57,8 +57,9 @@ def test_captive_api_rfc8908(hotspot: Hotspot):
     payer.pay_exact(3_000)
     captive = json.loads(_get(hotspot, "/api/captive")[2])
     assert captive["captive"] is False
-    # policy price 10 sat/MB, nothing used yet: 3 000 sat buy 300 MB
-    assert captive["bytes-remaining"] == 300_000_000
+    # No gate here (as with `bitmesh serve --no-firewall`): nothing is measured, so nothing is said
+    # to remain; tests/test_billing_netns.py reads bytes-remaining off the kernel's meter.
+    assert "bytes-remaining" not in captive and "seconds-remaining" not in captive
 
 
 def test_session_follows_the_callers_channel(hotspot: Hotspot):
@@ -68,7 +69,8 @@ def test_session_follows_the_callers_channel(hotspot: Hotspot):
     payer.pay_exact(2_000)
     session = hotspot.portal.session()
     assert session["state"] == "open" and session["channel_id"] == payer.channel_id
-    assert (session["paid"], session["owed"], session["credit"], session["deposit"]) == (2_000, 0, 2_000, 40_000)
+    # no meter (no gate): everything paid is owed
+    assert (session["paid"], session["owed"], session["credit"], session["deposit"]) == (2_000, 2_000, 0, 40_000)
     assert session["prepay_step_sat"] == hotspot.policy.prepay_step_sat
     payer.close()
     assert hotspot.portal.session()["state"] == "closed"
@@ -86,11 +88,34 @@ def test_only_the_bound_client_may_close_its_channel(hotspot: Hotspot):
     assert payer.close()["state"] == "settling"
 
 
-def test_offer_carries_tariff_and_tip(hotspot: Hotspot):
+def test_offer_carries_tariff_tip_metering_and_fee_policy(hotspot: Hotspot):
     offer = hotspot.portal.offer()
     assert offer["tariff"] == {"sat_per_mb": 10, "sat_per_minute": 0}
     assert offer["tip_height"] == hotspot.node.height()
     assert offer["network"] == "regtest-bcoin" and offer["protocol"] == 1
+    assert offer["metered"] is False  # no gate, as with `bitmesh serve --no-firewall`
+    assert offer["fee_policy"] == {"paid_from": "owner_share", "client_max_sat": 545}
+
+
+def test_without_a_meter_every_answer_states_owed_equal_paid_and_the_settlement_charges_it(hotspot: Hotspot):
+    """No gate (`--no-firewall`): the session, the channel object, the payment answer and the
+    close all state owed = paid, and the settlement on the node charges exactly that."""
+    payer = hotspot.funded_payer(40_000)
+    assert hotspot.portal.channel(payer.channel_id)["owed"] == 0  # nothing paid yet
+    answer = payer.pay_exact(3_000)
+    assert (answer["paid"], answer["owed"], answer["credit"]) == (3_000, 3_000, 0)
+    assert hotspot.portal.session()["owed"] == hotspot.portal.channel(payer.channel_id)["owed"] == 3_000
+    closed = payer.close()
+    assert (closed["state"], closed["owed"]) == ("settling", 3_000)
+    assert hotspot.portal.channel(payer.channel_id)["owed"] == 3_000
+    hotspot.mine(1)
+    tx = confirmed_tx(hotspot.node, closed["settlement_txid"])
+    refund = bytes.fromhex(closed["refund_script"])
+    outs = [(o.nValue, bytes(o.scriptPubKey)) for o in tx.vout]
+    fee = 40_000 - sum(v for v, _ in outs)
+    assert outs[0] == (37_000, refund)  # the change as signed
+    assert [v for v, script in outs[1:] if script != refund] == [3_000 - fee]  # all owed to the owner, less the fee
+    assert all(script != refund for _, script in outs[1:])  # nothing of what was paid comes back
 
 
 @pytest.mark.parametrize("answer", [

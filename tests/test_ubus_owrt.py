@@ -92,8 +92,9 @@ def signatures(root: OwrtRoot, obj: str) -> dict[str, dict[str, str]]:
     return {k: v for line in lines for k, v in json.loads("{" + line.strip() + "}").items()}
 
 
-def paid_channel(svc: Service, faucet, deposit: int = 30_000, pay: int = 1_000) -> PayerSession:
-    """A client that opens, funds (0-conf) and pays a channel through the service's portal."""
+def paid_channel(svc: Service, faucet, deposit: int = 30_000, pay: int = 5_000) -> PayerSession:
+    """A client that opens, funds (0-conf) and pays a channel through the service's portal (enough that
+    its settlement is worth its fee: less would end `uneconomic`)."""
     portal = PortalClient(f"http://127.0.0.1:{svc.servers[0].port}")
     payer = PayerSession(portal, tip_height=svc.manager.chain.tip_height, refund_address=key_address(new_key()))
     payer.open(deposit)

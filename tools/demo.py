@@ -23,7 +23,15 @@ from pathlib import Path
 from tests.support.bcoin import BcoinNode
 from tests.support.coins import Faucet, key_address, new_key
 from tests.support.netns import Topology
-from tests.support.router import Payer, RouterService, expected_split, portal_call, read_settlement, regtest
+from tests.support.router import (
+    Payer,
+    RouterService,
+    expected_split,
+    portal_call,
+    read_settlement,
+    regtest,
+    wait_payout,
+)
 
 PRICE_SAT_PER_MB = 1000
 PREPAY_STEP_SAT = 500
@@ -122,11 +130,14 @@ def run_story(topo: Topology, node: BcoinNode, faucet: Faucet, workdir: Path,
         say(f"   settlement {s.txid} ({s.confirmations} confirmation)")
         say(f"     deposit          {DEPOSIT_SAT:>7} sat")
         say(f"     client change    {s.change:>7} sat  (deposit - paid {paid})")
-        say(f"     owner payout     {s.payout:>7} sat  (owed {owed} - fee)")
-        say(f"     unused, returned {s.unused:>7} sat  (paid - owed, dropped into the payout when below 546)")
+        say(f"     owner's share    {s.payout:>7} sat  (owed {owed} - fee; on the router's hold output)")
+        say(f"     unused, returned {s.unused:>7} sat  (paid - owed, dropped into the fee when below 546)")
         say(f"     fee              {s.fee:>7} sat")
         check((s.change, s.payout, s.unused) == expected_split(DEPOSIT_SAT, paid, owed, s.fee)
               and 0 < s.fee < 1000, f"settlement amounts are not exact: {s}")
+        payout_txid, received = wait_payout(node, s.txid, service.payout_address)
+        say(f"   payout {payout_txid}: {received} sat to the owner's address (share - {s.payout - received} fee)")
+        check(0 < s.payout - received < 1000, "the owner's share did not reach the payout address")
         say("\nEverything happened as it should.")
         return {"deposit": DEPOSIT_SAT, "paid": paid, "owed": owed, "quota": quota, "delivered": delivered,
                 "payments": payer.payments(), "funding": funding.group(1), "settlement": s,

@@ -61,6 +61,11 @@ class ChainBackend(ABC):
     def estimate_feerate(self, target_blocks: int = 6) -> float:
         """sat/vB, clamped to [MIN, MAX]; FALLBACK_FEERATE_SAT_VB when there is no estimate."""
 
+    def fee_estimate(self, target_blocks: int = 6) -> float:
+        """Like estimate_feerate, but an outage raises ChainError instead of answering the
+        fallback: a settlement's fee must not be chosen from a number nobody gave."""
+        return self.estimate_feerate(target_blocks)
+
 
 def clamp_feerate(value: float | None) -> float:
     if value is None or value != value or value <= 0:  # None, NaN or no estimate

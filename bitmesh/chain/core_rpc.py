@@ -136,7 +136,11 @@ class CoreRpcBackend(ChainBackend):
         tx = self.get_tx(txid)
         if tx is None or vout >= output_count(tx.raw):
             return OutSpend(spent=False)  # no such output (what Esplora answers too)
-        # spent in a block: Core-style RPC has no index from an outpoint to its spender
+        # Core-style RPC has no index from an outpoint to its spender. Spent in a block (a
+        # confirmed spend) when the chain's own UTXO set, mempool left out, lacks a confirmed
+        # output; else the spend is in the mempool (nodes without gettxspendingprevout, bcoin)
+        if tx.confirmations > 0 and self.call("gettxout", txid, vout, False) is None:
+            return OutSpend(spent=True, confirmations=1)  # at least 1
         return OutSpend(spent=True)
 
     def _unspent(self, txid: str, vout: int) -> bool:
@@ -210,10 +214,13 @@ class CoreRpcBackend(ChainBackend):
 
     def estimate_feerate(self, target_blocks: int = 6) -> float:
         try:
-            res = self.call("estimatesmartfee", target_blocks) or {}
+            return self.fee_estimate(target_blocks)
         except ChainError as exc:
             log.warning("fee estimate unavailable (%s); using the fallback", exc.code)
             return clamp_feerate(None)
+
+    def fee_estimate(self, target_blocks: int = 6) -> float:
+        res = self.call("estimatesmartfee", target_blocks) or {}
         # Core: {"feerate": BTC/kvB} or {"errors": [...]}; bcoin: {"fee": BTC/kB or -1}
         btc_per_kvb = res.get("feerate", res.get("fee"))
         return clamp_feerate(btc_per_kvb_to_sat_vb(btc_per_kvb))

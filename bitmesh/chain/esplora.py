@@ -136,10 +136,13 @@ class EsploraBackend(ChainBackend):
 
     def estimate_feerate(self, target_blocks: int = 6) -> float:
         try:
-            estimates = self._json("/fee-estimates") or {}
+            return self.fee_estimate(target_blocks)
         except ChainError as exc:
             log.warning("fee estimate unavailable (%s); using the fallback", exc.code)
             return clamp_feerate(None)
+
+    def fee_estimate(self, target_blocks: int = 6) -> float:
+        estimates = self._json("/fee-estimates") or {}
         return clamp_feerate(pick_estimate(estimates, target_blocks))
 
 

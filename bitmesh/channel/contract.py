@@ -25,6 +25,7 @@ from bitcoin.core.script import (
     OP_ELSE,
     OP_ENDIF,
     OP_IF,
+    SIGHASH_ALL,
     SIGHASH_ANYONECANPAY,
     SIGHASH_NONE,
     SIGHASH_SINGLE,
@@ -34,7 +35,7 @@ from bitcoin.core.script import (
     SignatureHash,
 )
 
-from bitmesh.chain.address import p2wsh_script
+from bitmesh.chain.address import p2pkh_script, p2wpkh_script, p2wsh_script
 from bitmesh.chain.txutil import txid_of  # noqa: F401 - part of this module's API
 from bitmesh.errors import ChannelError
 
@@ -153,46 +154,71 @@ class SettlementPlan:
     """Who gets what at settlement; amounts in satoshis."""
 
     client_change: int  # output 0, signed by the client (0 when it paid everything)
-    server_payout: int  # to the owner's payout address (0 when it would be dust)
-    client_unused: int  # refund of paid-but-unused credit (0 when dust)
+    server_payout: int  # the owner's share after the fee, to the router's hold output
+    client_unused: int  # refund of paid-but-unused credit (0 when below dust: it goes to the fee)
     fee: int
+
+
+def _varint_len(n: int) -> int:
+    return 1 if n < 0xFD else 3
+
+
+def _output_size(script: bytes) -> int:
+    return 8 + _varint_len(len(script)) + len(script)
 
 
 def settlement_vsize(n_outputs_extra: int, refund_script: bytes, payout_script: bytes, witness_script: bytes) -> int:
     """Upper bound of the settlement's virtual size with every optional output present."""
-    base = 4 + 1 + 41 + 1 + 4  # version, vin count, input, vout count, locktime
-    outs = (8 + 1 + len(refund_script)) * 2 + 8 + 1 + len(payout_script)
-    witness = 1 + 1 + _MAX_SIG_LEN + 1 + _MAX_SIG_LEN + 1 + 1 + 3 + len(witness_script)
-    weight = (base + outs) * 4 + 2 + witness  # 2: segwit marker and flag
+    return settlement_vsize_for([refund_script, payout_script, refund_script], witness_script)
+
+
+def settlement_vsize_for(output_scripts: list[bytes], witness_script: bytes) -> int:
+    """Virtual size of a settlement with these outputs; signatures counted at their maximum
+    (73 bytes with the sighash byte), so the feerate paid is never below the one asked."""
+    base = 4 + 1 + 41 + _varint_len(len(output_scripts)) + sum(map(_output_size, output_scripts)) + 4
+    witness = 1 + (1 + _MAX_SIG_LEN) * 2 + 1 + 1 + _varint_len(len(witness_script)) + len(witness_script)
+    weight = base * 4 + 2 + witness  # 2: segwit marker and flag
     return (weight + 3) // 4
 
 
 def plan_settlement(
     deposit: int, paid: int, owed: int, feerate_sat_vb: float, refund_script: bytes, payout_script: bytes,
-    witness_script: bytes,
+    witness_script: bytes, reserve: int = 0,
 ) -> SettlementPlan:
-    """Split the deposit. The client's signed change is fixed; the server returns
-    `paid - owed` (prepaid but unused) and pays the fee out of its own share."""
+    """Split the deposit (docs/protocol.md 3.4, the team's fee policy). The client's signed
+    change is fixed; the unused credit `paid - owed` goes back to it in full when it is at
+    least dust, else into the fee (the only way a client's sats reach a fee: at most 545);
+    the fee is paid from the owner's share `owed` alone. `reserve` is what the owner's output
+    must still pay afterwards (the fee of the transaction that moves it on to the payout
+    address). Raises `settlement_uneconomic` when the owner's output would then be below dust:
+    such a settlement is not broadcast at a loss."""
     if not 0 <= owed:
         raise ValueError("owed must be >= 0")
     owed = min(owed, paid)
     change = change_after(deposit, paid) if payment_sighash_type(deposit, paid) == SIGHASH_PAYMENT else 0
-    fee = int(feerate_sat_vb * settlement_vsize(1, refund_script, payout_script, witness_script) + 0.999)
     unused = paid - owed
-    # The fee comes out of what the client owes first, then out of the unused part: the
-    # client's signed change is never touched, and the server never pays more than it earned.
-    pot = deposit - change
-    payout = owed - fee
-    if payout < 0:
-        unused = max(0, unused + payout)
-        payout = 0
     if unused < DUST_LIMIT_SAT:
-        payout += unused
         unused = 0
-    if payout < DUST_LIMIT_SAT:
-        payout = 0
-    fee = pot - payout - unused
+    # sized with every optional output present: a few vbytes over, never under the feerate
+    fee = fee_for(feerate_sat_vb, settlement_vsize(1, refund_script, payout_script, witness_script))
+    payout = owed - fee
+    if payout - reserve < DUST_LIMIT_SAT:
+        raise ChannelError(
+            f"the owner's share of {owed} sat does not pay a {fee} sat settlement fee at {feerate_sat_vb:.1f} sat/vB "
+            f"(and {reserve} sat to move it on) and keep {DUST_LIMIT_SAT} sat", code="settlement_uneconomic")
+    fee = deposit - change - unused - payout  # with a dust credit dropped into it
     return SettlementPlan(client_change=change, server_payout=payout, client_unused=unused, fee=fee)
+
+
+def tx_vsize(tx: CTransaction) -> int:
+    """Virtual size (BIP141) of a built transaction: (stripped x 3 + full) / 4, rounded up."""
+    stripped = len(CTransaction(tx.vin, tx.vout, tx.nLockTime, tx.nVersion).serialize())
+    return (stripped * 3 + len(tx.serialize()) + 3) // 4
+
+
+def fee_for(feerate_sat_vb: float, vsize: int) -> int:
+    """Satoshis a transaction of `vsize` pays at `feerate_sat_vb`, rounded up."""
+    return -(-int(feerate_sat_vb * 1000) * vsize // 1000)
 
 
 def settlement_tx(
@@ -208,6 +234,41 @@ def settlement_tx(
     if not vout:
         raise ChannelError("nothing left to settle after fees", code="settlement_uneconomic")
     return CTransaction([_contract_input(funding)], vout, SETTLEMENT_LOCKTIME, TX_VERSION)
+
+
+# --- the router's hold output: how a settlement is fee-bumped --------------------------------
+#
+# bcoin 1.0.2 refuses any transaction that spends an output already spent in its mempool
+# (bad-txns-inputs-spent, with or without --replace-by-fee), and a contract input never
+# signals BIP125 (its nSequence is fixed by the client's signature). A settlement is therefore
+# bumped by CPFP: the owner's share goes to an output of the router's own channel key (P2WPKH),
+# a child spends it with the fee the package needs, and once the settlement is confirmed the
+# hold output (or the last child's) is moved on to the owner's payout address.
+
+HOLD_SEQUENCE = 0xFFFFFFFE  # no BIP125 signal: bcoin refuses signalling transactions by default
+
+
+def hold_script(server_pubkey: bytes) -> bytes:
+    return p2wpkh_script(server_pubkey)
+
+
+def hold_spend_vsize(out_script: bytes) -> int:
+    """Virtual size of a hold spend (one P2WPKH input, one output), signature at its maximum."""
+    base = 4 + 1 + 41 + 1 + _output_size(out_script) + 4
+    witness = 1 + 1 + _MAX_SIG_LEN + 1 + 33
+    return (base * 4 + 2 + witness + 3) // 4
+
+
+def hold_spend_tx(key, outpoint: Outpoint, value: int, out_script: bytes, fee: int) -> CTransaction:
+    """Spend the router's hold output `outpoint` (worth `value`) to `out_script`, paying `fee`;
+    signed SIGHASH_ALL (BIP143: the script code of P2WPKH is the P2PKH script of the key)."""
+    if value - fee < DUST_LIMIT_SAT:
+        raise ChannelError(f"a {fee} sat fee leaves less than dust of {value} sat", code="settlement_uneconomic")
+    tx = CTransaction([CTxIn(outpoint.to_core(), nSequence=HOLD_SEQUENCE)], [CTxOut(value - fee, CScript(out_script))],
+                      0, TX_VERSION)
+    digest = SignatureHash(CScript(p2pkh_script(bytes(key.pub))), tx, 0, SIGHASH_ALL, amount=value,
+                           sigversion=SIGVERSION_WITNESS_V0)
+    return with_witness(tx, [sign(key, digest, SIGHASH_ALL), bytes(key.pub)])
 
 
 def with_witness(tx: CTransaction, stack: list[bytes]) -> CTransaction:

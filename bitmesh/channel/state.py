@@ -17,6 +17,9 @@ class Phase(StrEnum):
     FAILED = "failed"  # funding vanished (double spend), or never funded before expiry
     CLOSED_ELSEWHERE = "closed_elsewhere"  # the client took its refund after expiry
     EXPIRED = "expired"  # closed with nothing paid: nothing to settle, the client refunds
+    # Paid, but the owner's share does not cover the settlement fee at the feerate needed (plus
+    # dust): not broadcast at a loss; the client takes its whole deposit back with its refund.
+    UNECONOMIC = "uneconomic"
 
     @property
     def accepts_payments(self) -> bool:
@@ -24,7 +27,7 @@ class Phase(StrEnum):
 
     @property
     def final(self) -> bool:
-        return self in (Phase.SETTLED, Phase.FAILED, Phase.CLOSED_ELSEWHERE, Phase.EXPIRED)
+        return self in (Phase.SETTLED, Phase.FAILED, Phase.CLOSED_ELSEWHERE, Phase.EXPIRED, Phase.UNECONOMIC)
 
 
 @dataclass(frozen=True)
@@ -48,13 +51,19 @@ class Channel:
     settlement_txid: str | None = None
     settlement_raw: bytes = b""
     close_reason: str = ""
+    # Fee bumps (CPFP children of the settlement through the router's hold output, in chain
+    # order) and the payout: the hold output moved on to the owner's address once settled.
+    bumps: tuple[bytes, ...] = ()
+    payout_txid: str | None = None
+    payout_raw: bytes = b""
+    payout_confirmed: bool = False
     # The client's session: where access is granted, since when, and what it has used (as of
     # the last payment or meter pass; the kernel's counters are the live truth).
     sat_per_mb: int = 0  # the tariff offered when the channel opened: later price changes
     sat_per_minute: int = 0  # apply to new channels only
     client_mac: str = ""
     client_ip: str = ""
-    access_started_at: int = 0
+    access_started_at: int = 0  # the billing clock's origin (bitmesh.tariff: moved by the time it stood still)
     bytes_used: int = 0
     seconds_used: int = 0
     updated_at: int = field(default=0, compare=False)
@@ -74,6 +83,8 @@ class Channel:
             rec[name] = rec[name].hex()
         rec["phase"] = self.phase.value
         rec["funding"] = str(self.funding) if self.funding else None
+        rec["bumps"] = [raw.hex() for raw in self.bumps]
+        rec["payout_raw"] = self.payout_raw.hex()
         return rec
 
     @classmethod
@@ -82,6 +93,8 @@ class Channel:
         for name in ("client_pubkey", "server_pubkey", "refund_script", "payment_sig", "settlement_raw"):
             rec[name] = bytes.fromhex(rec.get(name) or "")
         rec["phase"] = Phase(rec["phase"])
+        rec["bumps"] = tuple(bytes.fromhex(raw) for raw in rec.get("bumps") or ())
+        rec["payout_raw"] = bytes.fromhex(rec.get("payout_raw") or "")
         if rec.get("funding"):
             txid, vout = rec["funding"].rsplit(":", 1)
             rec["funding"] = Outpoint(txid, int(vout))

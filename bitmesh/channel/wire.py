@@ -134,6 +134,12 @@ def parse_payment(data: dict) -> Payment:
 # --- responses -----------------------------------------------------------------------------
 
 
+# Who pays the settlement's fee (docs/protocol.md 3.4): the owner, out of its share (`owed`). The
+# client's signed change is never touched, and its unused credit (`paid - owed`) comes back whole
+# unless it is below the dust limit: then it joins the fee, so a client loses at most this much.
+FEE_POLICY = {"paid_from": "owner_share", "client_max_sat": c.DUST_LIMIT_SAT - 1}
+
+
 def offer_json(policy: ChannelPolicy, node_id: str, extra: dict | None = None) -> dict:
     net = get_network(policy.network)
     return {
@@ -148,6 +154,7 @@ def offer_json(policy: ChannelPolicy, node_id: str, extra: dict | None = None) -
         "min_conf": policy.min_conf,
         "prepay_step_sat": policy.prepay_step_sat,
         "dust_limit_sat": c.DUST_LIMIT_SAT,
+        "fee_policy": dict(FEE_POLICY),
         **(extra or {}),
     }
 
@@ -157,7 +164,9 @@ def _btc(sat: int) -> str:
     return f"{sat // 100_000_000}.{sat % 100_000_000:08d}"
 
 
-def channel_json(channel: Channel, network: str) -> dict:
+def channel_json(channel: Channel, network: str, *, owed: int) -> dict:
+    """The channel object. `owed` is the figure the router commits to settle for (the meter's,
+    now; fixed once the settlement is signed): the payer checks the settlement against it."""
     contract = channel.contract
     address = script_to_address(contract.script_pubkey, network)
     scheme = get_network(network).bip21_scheme
@@ -176,6 +185,7 @@ def channel_json(channel: Channel, network: str) -> dict:
         "funding": str(channel.funding) if channel.funding else None,
         "funding_confirmations": channel.funding_confirmations,
         "paid": channel.paid,
+        "owed": owed,
         "settlement_txid": channel.settlement_txid,
         "close_reason": channel.close_reason or None,
     }

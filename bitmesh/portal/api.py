@@ -6,7 +6,10 @@ JSON. Every refusal is `{"error": {"code", "message"}}` with a 4xx/5xx status.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,7 @@ import bottle
 
 from bitmesh.channel import wire
 from bitmesh.channel.manager import ChannelManager
-from bitmesh.channel.state import Channel
+from bitmesh.channel.state import Channel, Phase
 from bitmesh.errors import ChannelError, RequestError, answer
 from bitmesh.meter import Meter
 from bitmesh.portal.neighbors import NeighborTable
@@ -65,9 +68,49 @@ def _caller_ip() -> str:
     return addr[7:] if addr.startswith("::ffff:") else addr  # IPv4-mapped on a dual-stack socket
 
 
+# A device's channel that holds, or is about to hold, its grant in the kernel (keyed by MAC).
+DEVICE_PHASES = (Phase.FUNDING_UNCONFIRMED, Phase.OPEN)
+
+
 def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: str, meter: Meter,
                         neighbors: NeighborTable, info: PortalInfo) -> None:
     network = manager.policy.network
+    # Checking a device's channels and adding one happen under its lock (striped by MAC, so a slow
+    # chain backend during one device's open or funding never holds up another's).
+    device_locks = [threading.Lock() for _ in range(64)]
+
+    def device_lock(mac: str) -> threading.Lock:
+        return device_locks[zlib.crc32(mac.encode()) % len(device_locks)]
+
+    def gated_mac(ip: str) -> str:
+        """The caller's MAC, which the firewall grants access to; with the firewall on, a caller
+        the router cannot see on its LAN (routed from elsewhere) could never get access."""
+        mac = neighbors.mac_of(ip)
+        if meter.metered and not mac:
+            raise ChannelError(f"the router sees no MAC address for {ip}: it can only grant access to devices on "
+                               "its own LAN segment", code="client_mac_unknown", http_status=403)
+        return mac
+
+    def one_channel_per_device(mac: str, except_id: str = "") -> None:
+        """One live channel per device: the kernel's grant and counters are the device's, and two
+        channels would bill the same bytes twice. Unfunded channels do not count (a device that
+        lost one may open another); funding one while another is live is refused too."""
+        if not (meter.metered and mac):
+            return
+        for ch in manager.channels():
+            if ch.client_mac == mac and ch.id != except_id and ch.phase in DEVICE_PHASES:
+                raise ChannelError(f"this device already has a live channel ({ch.phase.value}); close it first "
+                                   "(POST /api/channels/<id>/close; GET /api/session names it)",
+                                   code="client_has_channel")
+
+    def channel_json(channel: Channel) -> dict:
+        """The channel object, with the `owed` a close would settle for now (as manager.close
+        computes it from the meter), or the one its signed settlement charges."""
+        if channel.owed is not None:
+            owed = channel.owed
+        else:
+            owed = max(0, min(manager.owed(channel), channel.paid)) if channel.paid else 0
+        return wire.channel_json(channel, network, owed=owed)
 
     def caller_channel() -> Channel | None:
         """The caller's newest channel: same IP, and same MAC where the router can see it."""
@@ -89,6 +132,8 @@ def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: st
     def offer() -> dict:
         extra = {
             "tariff": {"sat_per_mb": manager.policy.sat_per_mb, "sat_per_minute": manager.policy.sat_per_minute},
+            # false (`bitmesh serve --no-firewall`): nothing is measured, owed = paid, all of it settled
+            "metered": meter.metered,
             "portal_title": info.title,
             "portal_text": info.text,
             "tip_height": manager.chain_view().tip_height,
@@ -100,20 +145,24 @@ def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: st
     def open_channel() -> dict:
         req = wire.parse_open(read_json_body(), network)
         ip = _caller_ip()
-        channel = manager.open_channel(req, client_mac=neighbors.mac_of(ip), client_ip=ip)
-        return wire.channel_json(channel, network)
+        mac = gated_mac(ip)
+        with device_lock(mac) if mac else contextlib.nullcontext():
+            one_channel_per_device(mac)
+            return channel_json(manager.open_channel(req, client_mac=mac, client_ip=ip))
 
     @app.get("/api/channels/<channel_id>")
     @api_route
     def get_channel(channel_id: str) -> dict:
-        return wire.channel_json(manager.get(channel_id), network)
+        return channel_json(manager.get(channel_id))
 
     @app.post("/api/channels/<channel_id>/funding")
     @api_route
     def funding(channel_id: str) -> dict:
-        manager.get(channel_id)  # unknown channel: 404 before the body is looked at
+        mac = manager.get(channel_id).client_mac  # unknown channel: 404 before the body is looked at
         req = wire.parse_funding(read_json_body())
-        return wire.channel_json(manager.submit_funding(channel_id, req), network)
+        with device_lock(mac) if mac else contextlib.nullcontext():
+            one_channel_per_device(mac, except_id=channel_id)  # before the router broadcasts anything
+            return channel_json(manager.submit_funding(channel_id, req))
 
     @app.post("/api/channels/<channel_id>/payments")
     @api_route
@@ -123,14 +172,14 @@ def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: st
         channel = manager.pay(channel_id, payment)
         session = meter.session(channel)
         return {"channel_id": channel.id, "paid": channel.paid, "remaining": channel.deposit - channel.paid,
-                "credit": channel.paid - session.owed, "bytes_remaining": session.bytes_remaining,
-                "seconds_remaining": session.seconds_remaining}
+                "owed": session.owed, "credit": channel.paid - session.owed,
+                "bytes_remaining": session.bytes_remaining, "seconds_remaining": session.seconds_remaining}
 
     @app.post("/api/channels/<channel_id>/close")
     @api_route
     def close(channel_id: str) -> dict:
         own_channel(channel_id)
-        return wire.channel_json(manager.close(channel_id), network)
+        return channel_json(manager.close(channel_id))
 
     @app.get("/api/session")
     @api_route

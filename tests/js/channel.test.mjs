@@ -8,8 +8,9 @@ import {
   bytesToHex, derDecode, hexToBytes, parseTx, publicKey, serializeTx, txid, verifyDigest,
 } from '../../bitmesh/portal/static/btc.js';
 import {
-  WalletError, bip21, btcAmount, checkTerms, contractSighash, findFunding, nextAmount, paymentDue, paymentMessage,
-  paymentSighashType, paymentTx, refundScriptOf, refundVsize, signedRefund, witnessScript,
+  METER_BOUNDS, WalletError, bip21, btcAmount, checkMeter, checkTerms, chooseTip, contractSighash, findFunding,
+  nextAmount, offerTerms, paymentDue, paymentMessage, paymentSighashType, paymentTx, refundScriptOf, refundVsize,
+  signedRefund, tariffOwed, unmeteredOwed, witnessScript,
 } from '../../bitmesh/portal/static/channel.js';
 
 const V = JSON.parse(readFileSync(new URL('./vectors/channel.json', import.meta.url)));
@@ -127,6 +128,52 @@ test('payment messages carry the reference tx and a low-S DER signature of the d
   }
   assert.throws(() => paymentMessage(secret, c, CH.funding, CH.deposit + 1), WalletError);
   assert.throws(() => paymentMessage(secret, c, CH.funding, 0), WalletError);
+  // a change below dust would go to miners: refused here as by the Python payer and the router
+  assert.equal(CH.dust_change_refusals.length, 2);
+  for (const { amount, code } of CH.dust_change_refusals) {
+    assert.throws(() => paymentMessage(secret, c, CH.funding, amount), (e) => e.code === code && code === 'payment_dust_change');
+  }
+});
+
+test('the meter is checked as payer.check_meter checks it', () => {
+  const M = V.meter;
+  assert.deepEqual(METER_BOUNDS, { maxBytesPerSecond: M.bounds.max_bytes_per_second, slackSeconds: M.bounds.slack_seconds });
+  for (const v of M.tariff_owed) assert.equal(tariffOwed(v.tariff, v.bytes, v.seconds), v.owed, JSON.stringify(v));
+  for (const v of M.unmetered_owed) assert.equal(unmeteredOwed(v.tariff, v.elapsed), v.owed, JSON.stringify(v));
+  assert.ok(M.checks.some((v) => v.code === 'owed_implausible') && M.checks.some((v) => v.owed > 0));
+  for (const v of M.checks) {
+    const args = { tariff: v.tariff, signedMax: v.signed_max, elapsedSeconds: v.elapsed };
+    const what = JSON.stringify(v);
+    if (v.code) assert.throws(() => checkMeter(v.report, args), (e) => e instanceof WalletError && e.code === v.code, what);
+    else assert.equal(checkMeter(v.report, args), v.owed, what);
+  }
+});
+
+test('the step and the price are the offer\'s, kept at open', () => {
+  const offer = { prepay_step_sat: 1000, tariff: { sat_per_mb: 10, sat_per_minute: 0 }, metered: true };
+  assert.deepEqual(offerTerms(offer), { prepayStep: 1000, tariff: { sat_per_mb: 10, sat_per_minute: 0 }, metered: true });
+  assert.equal(offerTerms({ ...offer, metered: undefined }).metered, true); // a router that says nothing meters
+  assert.equal(offerTerms({ ...offer, metered: false }).metered, false);
+  for (const bad of [{ prepay_step_sat: 0 }, { prepay_step_sat: '1000' }, { tariff: null },
+    { tariff: { sat_per_mb: 0, sat_per_minute: 0 } }, { tariff: { sat_per_mb: -1, sat_per_minute: 5 } }, { metered: 'yes' }]) {
+    assert.throws(() => offerTerms({ ...offer, ...bad }), (e) => e.code === 'terms_malformed', JSON.stringify(bad));
+  }
+  // a session answer asking for the whole deposit as the step changes nothing: the wallet pays
+  // with the step it kept (paymentDue takes it from the wallet's state, never from the answer)
+  const kept = offerTerms(offer).prepayStep;
+  assert.equal(paymentDue(200000, 0, 0, kept), 1000);
+  assert.equal(paymentDue(200000, 1000, 600, kept), 1600);
+});
+
+test('the expiry is judged against the explorer, the router alone only on a test chain', () => {
+  assert.deepEqual(chooseTip('main', 850000, 851000), { tip: 850000, source: 'explorer' });
+  assert.deepEqual(chooseTip('regtest-bcoin', 1500, 2500), { tip: 1500, source: 'explorer' });
+  assert.deepEqual(chooseTip('regtest-bcoin', null, 2500), { tip: 2500, source: 'router' });
+  for (const net of ['main', 'test', 'signet']) {
+    assert.throws(() => chooseTip(net, null, 851000, 'mempool.space did not answer'),
+      (e) => e.code === 'tip_unchecked' && e.message.includes('mempool.space did not answer'), net);
+  }
+  assert.throws(() => chooseTip('main', 0, 851000), (e) => e.code === 'tip_unchecked');
 });
 
 test('the refund equals the reference except for the signature, which verifies', () => {

@@ -30,9 +30,10 @@ from bitmesh.chain.address import (
 )
 from bitmesh.chain.txutil import txid_of
 from bitmesh.channel import contract as c
-from bitmesh.channel.payer import PayerChannel, PayerLimits, check_terms
+from bitmesh.channel.payer import MeterBounds, PayerChannel, PayerLimits, check_meter, check_terms, unmetered_owed
 from bitmesh.channel.wire import _btc
 from bitmesh.errors import ChannelError
+from bitmesh.tariff import Tariff
 from tests.support.coins import Coin, sign_p2pkh_spend, sign_p2wpkh_spend
 
 OUT = Path(__file__).with_name("vectors") / "channel.json"
@@ -103,7 +104,7 @@ def channel_vectors() -> dict:
     refund_digest = c.contract_sighash(unsigned_refund, contract, deposit, SIGHASH_ALL)
 
     payments = []
-    for amount in (1, 1_000, 6_000, 150_000, deposit - 546, deposit - 545, deposit - 1, deposit):
+    for amount in (1, 1_000, 6_000, 150_000, deposit - 546, deposit):
         tx, sig = payer.sign_payment(amount)
         hashtype = c.payment_sighash_type(deposit, amount)
         payments.append({
@@ -112,6 +113,13 @@ def channel_vectors() -> dict:
             "python_signature": sig.hex(),
             "message_tx": payer.payment_message(amount)["tx"],
         })
+
+    dust_change_refusals = []  # amounts whose change would be dust: neither side signs them
+    for amount in (deposit - 545, deposit - 1):
+        try:
+            payer.sign_payment(amount)
+        except ChannelError as e:
+            dust_change_refusals.append({"amount": amount, "code": e.code})
 
     next_amounts = []
     for dep in (20_000, 200_000):
@@ -136,8 +144,48 @@ def channel_vectors() -> dict:
             "txid": txid_of(refund),
         },
         "payments": payments,
+        "dust_change_refusals": dust_change_refusals,
         "next_amounts": next_amounts,
     }
+
+
+def meter_vectors() -> dict:
+    """payer.check_meter and friends on reports a router might send, as Python judges them."""
+    tariffs = [Tariff(10, 0), Tariff(0, 60), Tariff(7, 13), Tariff(1_000, 30_000)]
+    owed = []
+    for t in tariffs:
+        for b, sec in ((0, 0), (1, 0), (999_999, 1), (1_000_001, 59), (10**12, 86_400), (2**53, 10**9)):
+            owed.append({"tariff": t.to_json(), "bytes": b, "seconds": sec, "owed": t.owed(b, sec)})
+    unmetered = [{"tariff": t.to_json(), "elapsed": e, "owed": unmetered_owed(t, e)}
+                 for t in tariffs for e in (None, 0, 0.5, 59.9, 3_600)]
+    bounds = MeterBounds()
+    checks = []
+    reports = [
+        {"owed": 0, "bytes_used": 0, "seconds_used": 0},
+        {"owed": 10, "bytes_used": 1_000_000, "seconds_used": 5},
+        {"owed": 11, "bytes_used": 1_000_001, "seconds_used": 5},
+        {"owed": 11, "bytes_used": 1_000_000, "seconds_used": 5},
+        {"owed": 15, "bytes_used": 0, "seconds_used": 15},
+        {"owed": 16, "bytes_used": 0, "seconds_used": 16},
+        {"owed": 5_000, "bytes_used": 10**9, "seconds_used": 5},
+        {"owed": 10, "bytes_used": 10**10, "seconds_used": 5},
+        {"owed": 1, "bytes_used": 0, "seconds_used": 0},
+        {"owed": "1", "bytes_used": 0, "seconds_used": 0},
+        {"owed": 1, "bytes_used": -1, "seconds_used": 0},
+        {"bytes_used": 0, "seconds_used": 0},
+        {"owed": 1_000, "bytes_used": 0, "seconds_used": 2},
+    ]
+    for t in (Tariff(10, 0), Tariff(0, 60)):
+        for rep in reports:
+            for signed, elapsed in ((0, None), (1_000, None), (1_000, 5.0), (6_000, 5.0), (6_000, 100.0)):
+                try:
+                    verdict = {"owed": check_meter(rep, t, signed, elapsed, bounds)}
+                except ChannelError as e:
+                    verdict = {"code": e.code}
+                checks.append({"report": rep, "tariff": t.to_json(), "signed_max": signed, "elapsed": elapsed,
+                               **verdict})
+    return {"bounds": {"max_bytes_per_second": bounds.max_bytes_per_second, "slack_seconds": bounds.slack_seconds},
+            "tariff_owed": owed, "unmetered_owed": unmetered, "checks": checks}
 
 
 def address_vectors() -> dict:
@@ -198,6 +246,7 @@ def build() -> dict:
         "contracts": contracts(),
         "channel": channel_vectors(),
         "addresses": address_vectors(),
+        "meter": meter_vectors(),
         "bip21_amounts": [{"sat": s, "btc": _btc(s)}
                           for s in (1, 546, 20_000, 200_000, 100_000_000, 2_100_000_000_000_000)],
     }

@@ -41,6 +41,8 @@ class EsploraTestServer:
     def __init__(self, node: BcoinNode, with_mediantime: bool = True):
         self.node = node
         self.with_mediantime = with_mediantime
+        # txid -> raw hex to answer instead of the node's: a backend that lies about a transaction
+        self.tx_hex_override: dict[str, str] = {}
         self._routes: list[tuple[str, re.Pattern, Callable[..., Any]]] = [
             ("GET", re.compile(r"/blocks/tip/height"), lambda: str(self.node.rpc("getblockcount"))),
             ("GET", re.compile(r"/blocks/tip/hash"), lambda: self.node.rpc("getbestblockhash")),
@@ -105,6 +107,8 @@ class EsploraTestServer:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json" if is_json else "text/plain")
                 self.send_header("Content-Length", str(len(data)))
+                # as public Esploras answer: a wallet page of another origin may read it
+                self.send_header("Access-Control-Allow-Origin", "*")
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -154,6 +158,8 @@ class EsploraTestServer:
             raise HttpAnswer(404, "Transaction not found") from None
 
     def _tx_hex(self, txid: str) -> str:
+        if txid in self.tx_hex_override:
+            return self.tx_hex_override[txid]
         return self._verbose_tx(txid)["hex"]
 
     def _tx_status(self, txid: str) -> dict:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bitcoin.core import CTransaction
 from bitcoin.wallet import CKey
 
 from bitmesh.chain.address import address_to_script, p2wpkh_script
@@ -302,23 +303,50 @@ class Settlement:
 def read_settlement(node: BcoinNode, txid: str, deposit: int, refund_address: str,
                     payout_address: str) -> Settlement:
     """The settlement as the node has it, each output told apart by its script; its input checked by
-    Bitcoin Core's consensus interpreter as well."""
+    Bitcoin Core's consensus interpreter as well. The owner's share is the one output that is not
+    the client's: the router's hold output (docs/protocol.md 3.4), from where `read_payout`
+    follows it to `payout_address`."""
     tx = verify_on_node(node, txid)
     confirmations = int(node.rpc("getrawtransaction", txid, 1).get("confirmations") or 0)
     refund = address_to_script(refund_address, NETWORK)
-    payout = address_to_script(payout_address, NETWORK)
     outs = [(o.nValue, bytes(o.scriptPubKey)) for o in tx.vout]
-    assert all(script in (refund, payout) for _, script in outs), f"unknown output in {outs}"
+    owners = [(v, s) for v, s in outs if s != refund]
+    assert len(owners) <= 1 and all(len(s) == 22 and s[:2] == b"\x00\x14" for _, s in owners), \
+        f"the owner's share is one P2WPKH hold output: {outs}"
     change = outs[0][0] if outs and outs[0][1] == refund else 0
-    to_owner = sum(v for v, s in outs if s == payout)
+    to_owner = sum(v for v, _ in owners)
     unused = sum(v for v, s in outs if s == refund) - change
     return Settlement(txid, confirmations, change, to_owner, unused, deposit - sum(v for v, _ in outs))
 
 
+def read_payout(node: BcoinNode, payout_txid: str, payout_address: str) -> int:
+    """What the router's payout transaction (the hold output moved on) pays `payout_address`,
+    checked by Core's interpreter."""
+    tx = verify_on_node(node, payout_txid)
+    payout = address_to_script(payout_address, NETWORK)
+    assert all(bytes(o.scriptPubKey) == payout for o in tx.vout), "a payout pays the owner only"
+    return sum(o.nValue for o in tx.vout)
+
+
+def wait_payout(node: BcoinNode, settlement_txid: str, payout_address: str, timeout: float = 30.0) -> tuple[str, int]:
+    """(txid, sat) of the transaction the router sends to move the owner's share on from the
+    settlement's hold output to `payout_address` (it does once the settlement is in a block):
+    found in the node's mempool, checked by Core's interpreter."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for txid in node.rpc("getrawmempool"):
+            tx = CTransaction.deserialize(bytes.fromhex(node.rpc("getrawtransaction", txid)))
+            if any(i.prevout.hash[::-1].hex() == settlement_txid for i in tx.vin):
+                return txid, read_payout(node, txid, payout_address)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no payout of {settlement_txid} in the mempool")
+        time.sleep(0.2)
+
+
 def expected_split(deposit: int, paid: int, owed: int, fee: int, dust: int = 546) -> tuple[int, int, int]:
-    """(change, payout, unused) the protocol prescribes (docs/protocol.md 3.4) for a fee."""
+    """(change, owner's output, unused) the protocol prescribes (docs/protocol.md 3.4) for a
+    settlement whose fee (deposit minus the outputs) is `fee`: the owner pays the fee out of
+    `owed`; unused credit below dust is dropped into the fee, never into the owner's output."""
     unused = paid - owed
-    payout = owed - fee
-    if unused < dust:
-        payout, unused = payout + unused, 0
-    return deposit - paid, payout, unused
+    dropped = unused if unused < dust else 0
+    return deposit - paid, owed - (fee - dropped), unused - dropped

@@ -153,6 +153,10 @@ export function paymentMessage(secret, contract, funding, amount) {
   if (!Number.isSafeInteger(amount) || amount <= 0 || amount > deposit) {
     throw new WalletError('payment_invalid', `Cannot pay ${amount} sat from a deposit of ${deposit} sat.`);
   }
+  if (deposit - amount > 0 && deposit - amount < DUST_LIMIT_SAT) {
+    throw new WalletError('payment_dust_change',
+      `A change of ${deposit - amount} sat would go to miners; pay the whole deposit instead.`);
+  }
   const tx = paymentTx(funding, deposit, amount, hexToBytes(contract.refundScript));
   const hashtype = paymentSighashType(deposit, amount);
   const signature = signDigest(secret, contractSighash(tx, contract, hashtype), hashtype);
@@ -171,6 +175,84 @@ export function paymentDue(deposit, paid, owed, prepayStep) {
   if (2 * (paid - owed) >= prepayStep) return null;
   const amount = nextAmount(deposit, owed, prepayStep);
   return amount > paid ? amount : null;
+}
+
+// --- holding the router to its offer ----------------------------------------------------------
+
+/** What the wallet keeps from the offer it opened on (payer.offer_terms): later answers never change it. */
+export function offerTerms(offer) {
+  const step = offer && offer.prepay_step_sat;
+  const t = offer && offer.tariff;
+  const metered = offer && offer.metered !== undefined ? offer.metered : true;
+  const ok = (n) => Number.isSafeInteger(n) && n >= 0;
+  if (!Number.isSafeInteger(step) || step <= 0 || !t || !ok(t.sat_per_mb) || !ok(t.sat_per_minute) ||
+      !(t.sat_per_mb || t.sat_per_minute) || typeof metered !== 'boolean') {
+    throw new WalletError('terms_malformed', 'The router offers no valid prepay step or price.');
+  }
+  return { prepayStep: step, tariff: { sat_per_mb: t.sat_per_mb, sat_per_minute: t.sat_per_minute }, metered };
+}
+
+/** tariff.Tariff.owed: satoshis for this usage, rounded up (exact, in BigInt). */
+export function tariffOwed(tariff, bytesUsed, secondsUsed) {
+  const num = BigInt(bytesUsed) * BigInt(tariff.sat_per_mb) * 60n +
+    BigInt(secondsUsed) * BigInt(tariff.sat_per_minute) * 1000000n;
+  return Number((num + 59999999n) / 60000000n);
+}
+
+/** payer.MeterBounds: no link is faster; the router's meter may run this far ahead. */
+export const METER_BOUNDS = { maxBytesPerSecond: 300000000, slackSeconds: 10 };
+
+/** payer.unmetered_owed: an unmetered router's `owed` is all that was paid; pay by our own clock. */
+export const unmeteredOwed = (tariff, elapsedSeconds) =>
+  (elapsedSeconds == null ? 0 : tariffOwed(tariff, 0, Math.floor(Math.max(0, elapsedSeconds))));
+
+/**
+ * payer.check_meter: the router's `owed` from GET /api/session when the time since our first
+ * payment, the bytes and the tariff fixed at open account for it; a WalletError otherwise.
+ */
+export function checkMeter(report, { tariff, signedMax, elapsedSeconds }, bounds = METER_BOUNDS) {
+  const figures = ['owed', 'bytes_used', 'seconds_used'].map((k) => report && report[k]);
+  if (!figures.every((v) => Number.isSafeInteger(v) && v >= 0)) {
+    throw new WalletError('meter_malformed', "The router's session lacks its usage figures.");
+  }
+  const [owed, bytesUsed, secondsUsed] = figures;
+  const no = (why) => new WalletError('owed_implausible', `${why} This page does not pay it.`);
+  if (owed > signedMax) throw no(`The router says ${owed} sat are owed, more than the ${signedMax} sat this page ever signed.`);
+  if (elapsedSeconds == null) {
+    if (owed) throw no(`The router says ${owed} sat are owed before any payment.`);
+    return 0;
+  }
+  const window = Math.max(0, elapsedSeconds) + bounds.slackSeconds;
+  if (secondsUsed > window) {
+    throw no(`The router counts ${secondsUsed} s of use, but only ${Math.round(elapsedSeconds)} s passed since the first payment.`);
+  }
+  if (bytesUsed > bounds.maxBytesPerSecond * window) {
+    throw no(`The router counts ${bytesUsed} bytes in ${Math.round(elapsedSeconds)} s, faster than any link.`);
+  }
+  const billable = tariffOwed(tariff, bytesUsed, secondsUsed);
+  if (owed > billable) {
+    throw no(`The router says ${owed} sat are owed, but what it measured costs ${billable} sat at the price agreed when the channel opened.`);
+  }
+  return owed;
+}
+
+/** Default Esplora explorers a wallet may reach through the walled garden, per network. */
+export const DEFAULT_EXPLORERS = {
+  main: 'https://mempool.space/api', test: 'https://mempool.space/testnet/api', signet: 'https://mempool.space/signet/api',
+};
+const NO_MONEY = new Set(['regtest', 'regtest-bcoin']); // test chains: no coins of value, no public explorer
+
+/**
+ * The tip height the expiry is judged against: the explorer's, never only the router's word
+ * (on a regtest chain, with no money at stake and no public explorer, the router's, said so).
+ */
+export function chooseTip(networkName, explorerTip, routerTip, explorerError = '') {
+  if (Number.isSafeInteger(explorerTip) && explorerTip > 0) return { tip: explorerTip, source: 'explorer' };
+  if (NO_MONEY.has(networkName) && Number.isSafeInteger(routerTip)) return { tip: routerTip, source: 'router' };
+  throw new WalletError('tip_unchecked',
+    "This page cannot check the channel's expiry: no block explorer answered" +
+    `${explorerError ? ` (${explorerError})` : ''}. Set one reachable from this Wi-Fi (the router's owner can add it ` +
+    'to the walled garden); the router\'s own word on the block height is not enough.');
 }
 
 export function refundVsize(refundScript, script) {

@@ -5,13 +5,16 @@ import {
   bytesToHex, hexToBytes, isValidSecret, p2wpkhScript, publicKey, randomSecret, scriptToAddress, toWif,
 } from './btc.js';
 import {
-  WalletError, checkTerms, findFunding, paymentDue, paymentMessage, refundScriptOf, signedRefund,
+  DEFAULT_EXPLORERS, WalletError, checkMeter, checkTerms, chooseTip, findFunding, offerTerms, paymentDue,
+  paymentMessage, refundScriptOf, signedRefund, unmeteredOwed,
 } from './channel.js';
 import { encodeQR } from './vendor/qr/index.js';
 
 const STORE = 'bitmesh.wallet.v1'; // the live channel
 const ARCHIVE = 'bitmesh.archive.v1'; // every key this page ever made, never deleted by "forget"
+const EXPLORERS = 'bitmesh.explorer.v1'; // the user's block explorer, per network
 const POLL_MS = 2000;
+const EXPLORER_TIMEOUT_MS = 8000;
 
 const $ = (id) => document.getElementById(id);
 let offer = null;
@@ -185,7 +188,43 @@ function renderBuys() {
   const parts = [];
   if (d > 0 && t.sat_per_mb) parts.push(bytes(Math.floor((d * 1e6) / t.sat_per_mb)));
   if (d > 0 && t.sat_per_minute) parts.push(duration(Math.floor((d * 60) / t.sat_per_minute)));
-  setText('buys', parts.length ? `Up to ${parts.join(' or ')}. You pay only what you use.` : '');
+  const ahead = offer && offer.prepay_step_sat ? ` This page pays at most ${sat(offer.prepay_step_sat)} ahead.` : '';
+  setText('buys', parts.length ? `Up to ${parts.join(' or ')}. You pay only what you use.${ahead}` : '');
+}
+
+// --- the block height, from an explorer of the user's choice -------------------------------------
+
+function explorerOf(net) {
+  const saved = load(EXPLORERS, {})[net];
+  return saved != null ? saved : DEFAULT_EXPLORERS[net] || '';
+}
+
+function keepExplorer(net, url) {
+  localStorage.setItem(EXPLORERS, JSON.stringify({ ...load(EXPLORERS, {}), [net]: url }));
+}
+
+/** GET {esplora}/blocks/tip/height: the tip as a third party the router cannot answer for sees it. */
+async function explorerTip(base) {
+  let url;
+  try {
+    url = new URL(`${base.replace(/\/+$/, '')}/blocks/tip/height`);
+  } catch {
+    throw new Error('not a URL');
+  }
+  if (url.protocol !== 'https:' && url.protocol !== 'http:') throw new Error('not an http(s) URL');
+  const ctl = new AbortController();
+  const timer = setTimeout(() => ctl.abort(), EXPLORER_TIMEOUT_MS);
+  try {
+    const resp = await fetch(url, { cache: 'no-store', credentials: 'omit', signal: ctl.signal });
+    if (!resp.ok) throw new Error(`${url.host} answered HTTP ${resp.status}`);
+    const text = (await resp.text()).trim();
+    if (!/^[0-9]{1,9}$/.test(text)) throw new Error(`${url.host} did not answer a block height`);
+    return Number(text);
+  } catch (e) {
+    throw new Error(e.name === 'AbortError' ? `${url.host} did not answer` : e.message || `${url.host} is unreachable`);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 // --- step 1: open ------------------------------------------------------------------------------
@@ -212,11 +251,27 @@ async function openChannel() {
   }
   const refundAddress = $('refund-address').value.trim();
   const refundScript = refundScriptOf(refundAddress, offer.network);
+  const fixed = offerTerms(offer); // the step and the price are the offer's for this channel's life
+  const explorer = $('explorer-url').value.trim();
+  keepExplorer(offer.network, explorer);
+  let tipFromExplorer = null;
+  let explorerError = 'none is set';
+  if (explorer) {
+    try {
+      tipFromExplorer = await explorerTip(explorer);
+    } catch (e) {
+      explorerError = e.message;
+    }
+  }
+  // Before the router is asked for anything: without a height of our own there is no channel.
+  const tip = chooseTip(offer.network, tipFromExplorer, offer.tip_height, explorerError);
   const secret = randomSecret();
   const clientPubkey = publicKey(secret);
   // Saved before the router sees it: nothing is funded yet, but nothing is ever lost either.
   S = { v: 1, network: offer.network, nodeId: offer.node_id, channelSecret: bytesToHex(secret), deposit,
-    refundAddress, paid: 0, state: 'opening', refunds: {}, created: Date.now() };
+    refundAddress, paid: 0, state: 'opening', refunds: {}, created: Date.now(), prepayStep: fixed.prepayStep,
+    tariff: fixed.tariff, metered: fixed.metered, signedMax: 0, firstPaidAt: null,
+    tip: { height: tip.tip, source: tip.source, explorer: tip.source === 'explorer' ? explorer : '' } };
   save();
   let terms;
   let contract;
@@ -225,7 +280,7 @@ async function openChannel() {
       client_pubkey: bytesToHex(clientPubkey), deposit, refund_address: refundAddress,
     });
     contract = checkTerms(terms, {
-      clientPubkey, deposit, refundScript, tipHeight: offer.tip_height, network: offer.network,
+      clientPubkey, deposit, refundScript, tipHeight: tip.tip, network: offer.network,
     });
   } catch (e) {
     S = null; // nothing can have been funded: start again from the form
@@ -241,6 +296,19 @@ async function openChannel() {
 
 // --- step 2: fund ------------------------------------------------------------------------------
 
+function tipNote() {
+  const t = S && S.tip;
+  if (!t) return '';
+  if (t.source === 'explorer') {
+    let host = t.explorer;
+    try {
+      host = new URL(t.explorer).host;
+    } catch { /* shown as typed */ }
+    return `Expiry checked against block ${t.height} from ${host}.`;
+  }
+  return `Expiry checked against block ${t.height} as the router tells it: no explorer was set (a test chain).`;
+}
+
 function renderFunding() {
   const c = S.contract;
   setText('fund-amount', sat(c.deposit));
@@ -250,6 +318,7 @@ function renderFunding() {
   $('qr').innerHTML = qrSvg(c.bip21);
   setText('expiry', `${c.expiry}`);
   setText('channel-id', S.channelId);
+  setText('tip-note', tipNote());
   if (S.funding && !$('funding-tx').value) $('funding-tx').value = S.funding.hex;
   renderRefund();
 }
@@ -368,8 +437,16 @@ async function tick() {
       if (ch.settlement_txid) S.settlementTxid = ch.settlement_txid;
     }
     save();
+    let refusal = null;
     if (mine && S.state === 'open' && !payingStopped) {
-      const amount = paymentDue(S.contract.deposit, S.paid, s.owed, s.prepay_step_sat);
+      let owed = null;
+      try {
+        owed = meterOwed(s);
+      } catch (e) {
+        if (!(e instanceof WalletError)) throw e;
+        refusal = e; // the router asks more than its own figures account for: no signature
+      }
+      const amount = owed == null ? null : paymentDue(S.contract.deposit, S.paid, owed, S.prepayStep);
       if (amount) {
         await pay(amount);
         s = await api('GET', '/api/session').catch(() => ({ ...s, paid: S.paid, credit: S.paid - s.owed }));
@@ -378,7 +455,7 @@ async function tick() {
     if (S.paid >= S.contract.deposit && !payingStopped) {
       payingStopped = 'The whole deposit is paid. Close this channel and open a new one to go on.';
     }
-    showError(null);
+    showError(refusal);
     renderSession(mine ? s : null);
   } catch (e) {
     showError(e);
@@ -387,8 +464,35 @@ async function tick() {
   }
 }
 
+let clockBase = null; // the wall clock read once per page life, then the monotonic one
+
+/** Seconds since this channel's first payment left the page (null: none yet). The wall clock is
+ * read once per page life (it survives a reload), the monotonic clock after that: a phone
+ * setting its clock back once it is online never makes the router's meter look ahead of time. */
+function sinceFirstPayment() {
+  const since = S.firstPaidAt || (S.paid ? S.created : null);
+  if (since == null) return null;
+  if (!clockBase || clockBase.channelId !== S.channelId) {
+    clockBase = { channelId: S.channelId, perf: performance.now(), elapsed: Math.max(0, (Date.now() - since) / 1000) };
+  }
+  return clockBase.elapsed + (performance.now() - clockBase.perf) / 1000;
+}
+
+/** What may be paid for now: the router's `owed` if plausible (a WalletError if not); from a
+ * router that measures nothing, the time since our first payment at the tariff fixed at open. */
+function meterOwed(s) {
+  const elapsed = sinceFirstPayment();
+  if (!S.metered) return unmeteredOwed(S.tariff, elapsed);
+  return checkMeter(s, { tariff: S.tariff, signedMax: Math.max(S.paid, S.signedMax || 0), elapsedSeconds: elapsed });
+}
+
 async function pay(amount) {
   const msg = paymentMessage(hexToBytes(S.channelSecret), S.contract, S.funding, amount);
+  // On disk before it leaves: the meter's clock starts with the first payment, and the router
+  // may hold any amount signed.
+  if (!S.firstPaidAt) S.firstPaidAt = Date.now();
+  S.signedMax = Math.max(S.signedMax || 0, amount);
+  save();
   try {
     const ack = await api('POST', `/api/channels/${S.channelId}/payments`, msg);
     S.paid = Math.max(S.paid, ack.paid);
@@ -501,6 +605,13 @@ async function start() {
   }
   renderOffer();
   $('refund-address').value = ensureRefundKey().address;
+  $('explorer-url').value = explorerOf(offer.network);
+  if (S && S.channelId && S.prepayStep == null) {
+    // A channel opened by an older page: its terms are fixed from now on.
+    const fixed = offerTerms(offer);
+    Object.assign(S, { prepayStep: fixed.prepayStep, tariff: fixed.tariff, metered: fixed.metered });
+    save();
+  }
   if (S && S.channelId && !S.closed) {
     const ch = await api('GET', `/api/channels/${S.channelId}`).catch(() => null);
     if (ch) {

@@ -24,6 +24,7 @@ var DEFAULTS = {
 	"expiry_blocks": 144,
 	"settle_margin_blocks": 12,
 	"zero_conf_max_sat": 20000,
+	"zero_conf_total_max_sat": 100000,
 	"min_conf": 1,
 	"portal_port": 8088
 };
@@ -287,6 +288,11 @@ return view.extend({
 		o = s.taboption('channels', form.Value, 'zero_conf_max_sat', _('0-conf risk cap (sat)'),
 			_('Deposits up to this amount are used before they confirm; larger ones wait for confirmations. 0 waits for every deposit.'));
 		o.placeholder = DEFAULTS.zero_conf_max_sat;
+		o.validate = whole(0, MAX_SAT);
+
+		o = s.taboption('channels', form.Value, 'zero_conf_total_max_sat', _('0-conf total cap (sat)'),
+			_('All deposits in use before they confirm, summed over every channel, stay below this; further deposits wait for confirmations. Empty: five times the per-channel cap. 0 waits for every deposit.'));
+		o.placeholder = DEFAULTS.zero_conf_total_max_sat;
 		o.validate = whole(0, MAX_SAT);
 
 		o = s.taboption('channels', form.Value, 'min_conf', _('Confirmations above the cap'));
