@@ -84,6 +84,9 @@ class Hotspot:
         payer = self.open_payer(deposit)
         payer.fund_from_coins([PayerCoin(c.Outpoint(coin.txid, coin.vout), coin.value, coin.script, key)],
                               p2wpkh_script(key.pub))
+        funding = self.manager.get(payer.channel_id or "").funding
+        if funding is not None:  # the funding the router accepted and broadcast: Core's judge too
+            verify_on_node(self.node, funding.txid)
         return payer
 
     def state(self, payer: PayerSession) -> str:
