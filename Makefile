@@ -17,8 +17,9 @@ test: deps
 	$(PYTEST) -q
 	.venv-latest/bin/python -m pytest -q -p no:cacheprovider $(LATEST_TESTS)
 
+# bench: every section; `make bench BENCH="soak gate"` runs those only and keeps the other figures
 bench: deps
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH)
 
 # ipk: dist/bitmesh, luci-app-bitmesh and python3-bitcoinlib .ipk files, reproducible, no OpenWrt SDK
 ipk: deps

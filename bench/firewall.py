@@ -4,11 +4,17 @@ firewall.forward_throughput_ratio
     iperf3 download throughput (upstream -> client, through the router namespace) with
     `table inet bitmesh` loaded and 250 paid clients in its sets (the measuring client one of
     them, with a byte quota, so every packet goes through the quota and counter lookups),
-    divided by the same with no bitmesh table. Same topology, same run, arms alternated
-    A/B/A/B... to spread drift and noise over both. Both arms carry a minimal stand-in for
+    divided by the same with no bitmesh table. Both arms carry a minimal stand-in for
     OpenWrt's fw4 (`table inet fw4` with conntrack), because a real router always runs it:
     the ratio is the price of adding bitmesh to a router, not of conntrack itself.
     `firewall.forward_throughput_ratio_no_fw4` is the same ratio with no other table at all.
+    One iperf3 run is noise (the same code once gave 1.15 and 0.67 ten minutes apart), so
+    each ratio is the median of ROUNDS rounds; a round measures without and with the table back
+    to back (in alternating order, ABBA, so drift within a round cancels) and the rounds of
+    both ratios are interleaved. `*_spread` is [lowest, highest] of the rounds' ratios and
+    `*_runs` every round's ratio. `firewall.forward_throughput_ratio_null` is the same median for
+    two runs without any table (in the no-fw4 rounds, order rotated): the noise floor of the
+    run; on a loaded machine it moves as far from 1 as the ratios do.
 firewall.quota_overshoot_bytes
     Bytes delivered (counted at both endpoints) past a 1 MB byte quota during a 10 MB
     download, GSO capped at one segment so the router sees wire packets. 0 is the design:
@@ -52,12 +58,34 @@ def _clients(topo: Topology) -> list[PaidClient]:
     return [*fakes, PaidClient(c.mac, ipv4=c.ipv4, ipv6=(c.ipv6,), quota_bytes=10**12)]
 
 
-def _iperf(topo: Topology, seconds: float) -> float:
-    p = run_in(
-        topo.clients[0].ns, "iperf3", "-c", topo.upstream.ipv4, "-R", "-t", str(seconds), "-J",
-        timeout=seconds + 30,
-    )
-    return float(json.loads(p.stdout)["end"]["sum_received"]["bits_per_second"])
+class Iperf:
+    """iperf3 downloads from the upstream namespace to client 1. A run that hangs (it happens on a
+    loaded machine) is run again against a new server."""
+
+    def __init__(self, topo: Topology):
+        self.topo = topo
+        self.server = self._start()
+
+    def _start(self) -> subprocess.Popen:
+        server = self.topo.spawn(self.topo.upstream.ns, "iperf3", "-s", "-B", self.topo.upstream.ipv4, ready=None)
+        _wait_port(self.topo, 5201)
+        return server
+
+    def run(self, seconds: float, attempts: int = 3) -> float:
+        for attempt in range(attempts):
+            try:
+                p = run_in(
+                    self.topo.clients[0].ns, "iperf3", "-c", self.topo.upstream.ipv4, "-R", "-t", str(seconds), "-J",
+                    "--connect-timeout", "3000", "--rcv-timeout", "5000", timeout=seconds + 15,
+                )
+                return float(json.loads(p.stdout)["end"]["sum_received"]["bits_per_second"])
+            except (subprocess.TimeoutExpired, RuntimeError, KeyError, ValueError):
+                if attempt == attempts - 1:
+                    raise
+                self.server.kill()  # the one we started, by its handle
+                self.server.wait()
+                self.server = self._start()
+        raise AssertionError("unreachable")
 
 
 def _wait_port(topo: Topology, port: int) -> None:
@@ -68,36 +96,66 @@ def _wait_port(topo: Topology, port: int) -> None:
     raise RuntimeError("iperf3 server did not start")
 
 
-def _ratio(topo: Topology, gate: Gate, clients: list[PaidClient], seconds: float, rounds: int) -> dict:
-    without, with_table = [], []
-    for _ in range(rounds):
-        gate.stop()
-        without.append(_iperf(topo, seconds))
-        gate.start(clients)
-        with_table.append(_iperf(topo, seconds))
-    gate.stop()
-    return {
-        "ratio": statistics.mean(with_table) / statistics.mean(without),
-        "without_gbps": statistics.mean(without) / 1e9,
-        "with_gbps": statistics.mean(with_table) / 1e9,
-    }
+ROUNDS = 21
+SETTLE = 0.3  # seconds between a table change and a measurement
+ORDERS = (("without", "with", "null"), ("with", "null", "without"), ("null", "without", "with"),
+          ("without", "null", "with"), ("with", "without", "null"), ("null", "with", "without"))
 
 
-def throughput(seconds: float = 2.0, rounds: int = 3) -> dict:
+def _round(iperf: Iperf, gate: Gate, clients: list[PaidClient], seconds: float, arms: tuple[str, ...]) -> dict:
+    """One run per arm, in the order given: "with" (the table loaded), "without", "null" (a
+    second run without, the noise floor). {arm: bits/s}."""
+    got = {}
+    for arm in arms:
+        if arm == "with":
+            gate.start(clients)
+        time.sleep(SETTLE)  # the kernel's deferred work of the last table change is not measured
+        got[arm] = iperf.run(seconds)
+        if arm == "with":
+            gate.stop()
+    return got
+
+
+def _summary(ratios: list[float]) -> tuple[float, list[float], list[float]]:
+    return (round(statistics.median(ratios), 3), [round(min(ratios), 3), round(max(ratios), 3)],
+            [round(r, 3) for r in ratios])
+
+
+def throughput(seconds: float = 1.0, rounds: int = ROUNDS) -> dict:
     with Topology(n_clients=1) as topo:
-        topo.spawn(topo.upstream.ns, "iperf3", "-s", "-B", topo.upstream.ipv4, ready=None)
-        _wait_port(topo, 5201)
+        iperf = Iperf(topo)
         cfg = FirewallConfig(lan_interface=topo.LAN, router_ipv4=topo.router.ipv4, router_ipv6=topo.router.ipv6)
         gate = Gate(cfg, Nft(topo.nft_argv()))
         clients = _clients(topo)
-        bare = _ratio(topo, gate, clients, seconds, 1)
-        run_in(topo.router.ns, "nft", "-f", "-", input=FW4_STUB)
-        fw4 = _ratio(topo, gate, clients, seconds, rounds)
+        bare, null, fw4, gbps = [], [], [], {"with": [], "without": []}
+        for i in range(rounds):
+            # orders rotate from round to round, so that no arm is always first or last
+            got = _round(iperf, gate, clients, seconds, ORDERS[i % len(ORDERS)])
+            bare.append(got["with"] / got["without"])
+            null.append(got["null"] / got["without"])
+            run_in(topo.router.ns, "nft", "-f", "-", input=FW4_STUB)
+            try:
+                got = _round(iperf, gate, clients, seconds, ("without", "with") if i % 2 else ("with", "without"))
+            finally:
+                run_in(topo.router.ns, "nft", "delete", "table", "inet", "fw4")
+            fw4.append(got["with"] / got["without"])
+            for arm in gbps:
+                gbps[arm].append(got[arm] / 1e9)
+    ratio, spread, runs = _summary(fw4)
+    ratio_bare, spread_bare, runs_bare = _summary(bare)
+    ratio_null, spread_null, _ = _summary(null)
     return {
-        "firewall.forward_throughput_ratio": round(fw4["ratio"], 3),
-        "firewall.forward_gbps_without_table": round(fw4["without_gbps"], 2),
-        "firewall.forward_gbps_with_table": round(fw4["with_gbps"], 2),
-        "firewall.forward_throughput_ratio_no_fw4": round(bare["ratio"], 3),
+        "firewall.forward_throughput_ratio": ratio,
+        "firewall.forward_throughput_ratio_spread": spread,
+        "firewall.forward_throughput_ratio_runs": runs,
+        "firewall.forward_gbps_without_table": round(statistics.median(gbps["without"]), 2),
+        "firewall.forward_gbps_with_table": round(statistics.median(gbps["with"]), 2),
+        "firewall.forward_throughput_ratio_no_fw4": ratio_bare,
+        "firewall.forward_throughput_ratio_no_fw4_spread": spread_bare,
+        "firewall.forward_throughput_ratio_no_fw4_runs": runs_bare,
+        "firewall.forward_throughput_ratio_null": ratio_null,
+        "firewall.forward_throughput_ratio_null_spread": spread_null,
+        "firewall.forward_rounds": rounds,
     }
 
 

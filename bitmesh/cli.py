@@ -19,6 +19,9 @@ def _host_port(value: str) -> tuple[str, int]:
 
 def _serve(args: argparse.Namespace) -> int:
     from bitmesh.config import load_settings
+    from bitmesh.memory import tune_allocator
+
+    tune_allocator()  # before the service's threads start
     from bitmesh.service import build_service
 
     settings = load_settings(args.config)
@@ -30,6 +33,12 @@ def _serve(args: argparse.Namespace) -> int:
                             ubus_socket=args.ubus_socket)
     service.run()
     return 0
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand `argv` names: its first word that is not an option (the only global
+    option, -v, takes no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="ubusd's socket (default: libubus's, /var/run/ubus/ubus.sock)")
     serve.add_argument("--watch-interval", type=float, default=30.0, help="seconds between chain checks")
     serve.set_defaults(func=_serve)
-    from bitmesh.paycli import add_parser as add_pay
+    argv = sys.argv[1:] if argv is None else argv
+    if _command(argv) != "serve":
+        # The payer's side (wallet, portal client, `bitmesh pay`/`close`) stays out of the
+        # service's memory: the router runs `serve` only (tests/test_memory_netns.py).
+        from bitmesh.paycli import add_parser as add_pay
 
-    add_pay(sub)
+        add_pay(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -24,6 +24,7 @@ MAX_SAT = 21_000_000 * 100_000_000
 DUST_SAT = 546
 CHAIN_BACKENDS = ("esplora", "core")
 SECRET_OPTIONS = frozenset({"core_rpc_password"})
+GARDEN_HOST_PORT = 443  # a walled_garden_host entry's port
 ZERO_CONF_TOTAL_FACTOR = 5  # zero_conf_total_max_sat when unset: this many channels at the per-channel cap
 
 _TRUE = {"1", "yes", "on", "true", "enabled"}
@@ -61,7 +62,8 @@ class Settings:
     portal_port: int = 8088
     portal_title: str = "BitMesh Wi-Fi"
     portal_text: str = "Pay as you go with bitcoin: only what you use, the rest comes back to you."
-    walled_garden_host: tuple[str, ...] = ()
+    walled_garden: tuple[str, ...] = ()  # host:port pairs unpaid clients may reach
+    walled_garden_host: tuple[str, ...] = ()  # the older form: host means host:443 (HTTPS)
     mqtt_enabled: bool = False
     mqtt_broker: str = "127.0.0.1:1883"
     mqtt_topic_prefix: str = "bitmesh"
@@ -96,8 +98,18 @@ class Settings:
     def public_dict(self) -> dict[str, Any]:
         """Every option except secrets, for status output (ubus, LuCI, logs)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SECRET_OPTIONS}
+        out["walled_garden"] = list(self.walled_garden)
         out["walled_garden_host"] = list(self.walled_garden_host)
         return out
+
+    @property
+    def garden(self) -> tuple[tuple[str, int], ...]:
+        """The walled garden as (host, port) pairs: `walled_garden` entries, and each
+        `walled_garden_host` as host:443 (what the older option was for: a block explorer's
+        HTTPS API)."""
+        pairs = [_split_host_port("walled_garden", e) for e in self.walled_garden]
+        pairs += [(h, GARDEN_HOST_PORT) for h in self.walled_garden_host]
+        return tuple(dict.fromkeys(pairs))
 
     @property
     def mqtt_host_port(self) -> tuple[str, int]:
@@ -293,6 +305,18 @@ def _hosts(name: str, value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _host_ports(name: str, value: Any) -> tuple[str, ...]:
+    """A list of host:port ([IPv6]:port): the walled garden."""
+    items = [value] if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{name}: expected host:port, got {item!r}")
+        host, port = _split_host_port(name, item)
+        out.append(f"[{host.lower()}]:{port}" if ":" in host else f"{host.lower()}:{port}")
+    return tuple(out)
+
+
 def _split_host_port(name: str, value: str) -> tuple[str, int]:
     m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(r"^([^:\[\]]+):(\d+)$", value)
     if not m or not _is_host(m.group(1)) or not 1 <= int(m.group(2)) <= 65535:
@@ -343,6 +367,7 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "portal_port": _port,
     "portal_title": _text(120, allow_empty=False),
     "portal_text": _text(2000),
+    "walled_garden": _host_ports,
     "walled_garden_host": _hosts,
     "mqtt_enabled": _bool,
     "mqtt_broker": _broker,

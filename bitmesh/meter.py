@@ -15,6 +15,11 @@ owed, and the offer says so (`"metered": false`).
 One device, one billed channel: the grant in the kernel is keyed by MAC, so the portal refuses
 a second live channel per device; a journal written before that rule may still hold two, and
 then only the older one is granted and billed (`device_holders`).
+
+A device's grant is its channel's address plus the device's other IPv6 addresses (SLAAC, privacy
+addresses) that the kernel's neighbour table binds to its MAC: taken at the grant, and at every
+pass, where an address the device used without a grant yet (the gate notes it) is solicited so
+the table learns whether it really is that device's (bitmesh.lan: neighbours, solicit).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from bitmesh import lan
 from bitmesh.channel.manager import ChannelManager
 from bitmesh.channel.state import Channel, Phase
 from bitmesh.firewall.gate import ClientUsage, Gate
@@ -33,6 +39,16 @@ from bitmesh.firewall.ruleset import PaidClient
 from bitmesh.tariff import seconds_billed, tariff_of
 
 log = logging.getLogger(__name__)
+
+# A session answer (GET /api/session, the captive probes, a payment's answer) may state usage read
+# this long ago; a settlement always reads anew. The kernel enforces the quota meanwhile.
+SESSION_READ_AGE = 1.0
+# While a kernel read is under way, a session answer takes the previous one if it is this recent,
+# instead of queueing behind the read (and the grant or quota update that may hold the gate).
+SESSION_READ_BUSY_AGE = 5.0
+SOLICIT_WAIT = 0.2  # seconds the answers to a pass's neighbour solicitations may take
+SOLICIT_AGAIN = 10.0  # an address that did not answer is solicited again after this long
+SOLICIT_MAX = 32  # addresses solicited per pass at most
 
 __all__ = ["Meter", "Reading", "Session", "device_holders", "read_usage", "tariff_of"]
 
@@ -114,14 +130,24 @@ class Session:
 
 
 class Meter:
-    def __init__(self, manager: ChannelManager, gate: Gate | None, clock: Callable[[], float] = time.time):
+    def __init__(self, manager: ChannelManager, gate: Gate | None, clock: Callable[[], float] = time.time,
+                 neighbours: Callable[[], list[tuple[str, str]]] | None = None,
+                 solicit: Callable[[str], None] = lan.solicit):
         self.manager = manager
         self.gate = gate
         self.clock = clock
+        # The kernel's neighbour table of the gated LAN: (address, MAC) pairs.
+        self.neighbours = neighbours or (lambda: lan.neighbours(gate.config.lan_interface) if gate else [])
+        self.solicit = solicit
+        self._solicited: dict[str, float] = {}  # address -> monotonic time of its last solicitation
         # A grant (a payment, under the manager's lock) and a cut for credit (the timer thread)
         # are decided one at a time, on the channel as it is then: a payment arriving while a
         # meter pass finds the credit gone is never cut off after it.
         self._lock = threading.Lock()
+        # One kernel read (an `nft -j list table`, ~40 ms with 200 devices) is shared by the session
+        # answers within SESSION_READ_AGE: hundreds of wallets polling cost one read, not one each.
+        self._read_lock = threading.Lock()
+        self._reading: tuple[float, dict[str, ClientUsage]] | None = None  # (monotonic start, usage)
         manager.listeners.append(self.on_channel)
         manager.owed = self.owed
 
@@ -145,10 +171,33 @@ class Meter:
             return 0  # never had access (no MAC to grant): nothing was used
         return self._measure(channel)[1].owed
 
+    def usage(self, max_age: float = 0.0) -> dict[str, ClientUsage]:
+        """Every device's kernel counts: from a read started at most `max_age` seconds ago, or a new
+        one (0: started after this call, as a settlement needs). Callers that come during a read
+        wait for it and share it."""
+        assert self.gate is not None
+        asked = time.monotonic()
+        last = self._reading
+        if max_age and last is not None:
+            if last[0] >= asked - max_age:
+                return last[1]
+            if self._read_lock.locked() and last[0] >= asked - SESSION_READ_BUSY_AGE:
+                return last[1]  # a session answer never waits behind a read or a grant in progress
+        with self._read_lock:
+            if self._reading is not None and self._reading[0] >= asked - max_age:
+                return self._reading[1]
+            started = time.monotonic()
+            usage = self.gate.usage()
+            self._reading = (started, usage)
+            return usage
+
     def _measure(self, channel: Channel, usage: dict[str, ClientUsage] | None = None,
-                 holds_grant: bool | None = None) -> tuple[Channel, Reading]:
-        """Fresh usage from the kernel (and the clock) for one channel; a live one keeps it. The
-        kernel's count for a device is its grant holder's alone (never billed twice)."""
+                 holds_grant: bool | None = None, max_age: float = 0.0, keep: bool = True
+                 ) -> tuple[Channel, Reading]:
+        """Usage from the kernel (a read at most `max_age` s old) and the clock for one channel; a
+        live one keeps it (`keep`: the manager records it, under its lock), else the channel comes
+        back with the reading as a snapshot only. The kernel's count for a device is its grant
+        holder's alone (never billed twice)."""
         if channel.phase is not Phase.OPEN or not channel.access_started_at:
             return channel, read_usage(channel, None)
         if holds_grant is None:
@@ -157,11 +206,14 @@ class Meter:
         kernel = None
         if holds_grant:
             if usage is None:
-                usage = self.gate.usage() if self.gate else {}
+                usage = self.usage(max_age) if self.gate else {}
             live = usage.get(channel.client_mac)
             kernel = live.total if live else None
         reading = read_usage(channel, int(self.clock()), kernel)
-        channel = self.manager.note_usage(channel.id, reading.bytes_used, reading.seconds_used)
+        if keep:
+            channel = self.manager.note_usage(channel.id, reading.bytes_used, reading.seconds_used)
+        elif (reading.bytes_used, reading.seconds_used) != (channel.bytes_used, channel.seconds_used):
+            channel = channel.evolve(bytes_used=reading.bytes_used, seconds_used=reading.seconds_used)
         return channel, reading
 
     def session(self, channel: Channel | None) -> Session:
@@ -173,7 +225,10 @@ class Meter:
             return Session("open", channel, owed=channel.paid)  # nothing measured, nothing left to show
         if not self._gated(channel):
             return Session("exhausted", channel, owed=0)  # the kernel can never let it in
-        channel, r = self._measure(channel)
+        # A snapshot: a session answer (hundreds of wallets polling) never waits for the manager's
+        # lock, which a payment holds through its fsync and its kernel grant; the meter's pass
+        # and a settlement record usage.
+        channel, r = self._measure(channel, max_age=SESSION_READ_AGE, keep=False)
         return Session("exhausted" if r.exhausted else "open", channel, r.owed, r.bytes_left, r.seconds_left)
 
     # --- the kernel side ---------------------------------------------------------------------
@@ -205,6 +260,7 @@ class Meter:
             self.gate.update_quota(channel.client_mac, quota_bytes=client.quota_bytes, expires_at=client.expires_at)
         else:
             self.gate.allow(client)
+            self.learn(solicit=False)  # its other IPv6 addresses the kernel knows already
         log.info("channel %s: %s paid %d sat, allowance %s bytes / until %s", channel.id, channel.client_mac,
                  channel.paid, client.quota_bytes, client.expires_at)
 
@@ -213,6 +269,14 @@ class Meter:
             return
         assert self.gate is not None
         with self._lock:
+            if new.phase is Phase.OPEN and new.paid:
+                # A payment is published after the manager's lock (ChannelManager.pay): grant the
+                # channel as it is when this turn comes, never an older figure, and nothing to a
+                # channel closed meanwhile (its close revoked, or will).
+                latest = next((ch for ch in self.manager.channels() if ch.id == new.id), None)
+                if latest is None or latest.phase is not Phase.OPEN:
+                    return
+                new = latest if latest.paid >= new.paid else new
             holder = device_holders(self.manager.channels()).get(new.client_mac)
             if new.phase is Phase.OPEN and new.paid:
                 if holder is not None and holder.id != new.id:
@@ -242,11 +306,35 @@ class Meter:
         """One metering pass: one kernel read for all clients."""
         if self.gate is None:
             return
-        usage = self.gate.usage()
+        usage = self.usage()
         for channel in device_holders(self.manager.channels()).values():
             channel, reading = self._measure(channel, usage, holds_grant=True)
             if channel.sat_per_mb and channel.sat_per_minute and reading.exhausted:
                 self._cut_if_exhausted(channel.id)
+        self.learn()
+
+    def learn(self, solicit: bool = True) -> None:
+        """Paid devices' IPv6 addresses in line with the kernel's neighbour table: the addresses
+        the last read saw them use without a grant are solicited first (a few at a time, each at
+        most every SOLICIT_AGAIN s), so the table says within SOLICIT_WAIT whose they are."""
+        if self.gate is None:
+            return
+        try:
+            table = self.neighbours()
+            if solicit:
+                now = time.monotonic()
+                todo = [a for a in self.gate.unresolved(table)
+                        if now - self._solicited.get(a, -SOLICIT_AGAIN) >= SOLICIT_AGAIN][:SOLICIT_MAX]
+                self._solicited = {a: t for a, t in self._solicited.items() if now - t < SOLICIT_AGAIN}
+                for address in todo:
+                    self._solicited[address] = now
+                    self.solicit(address)
+                if todo:
+                    time.sleep(SOLICIT_WAIT)
+                    table = self.neighbours()
+            self.gate.sync_addresses(table)
+        except Exception:
+            log.exception("granting paid devices' IPv6 addresses failed; the next pass tries again")
 
     def _cut_if_exhausted(self, channel_id: str) -> None:
         """Cut a combined-tariff client off once its credit is gone (the next payment lets it back

@@ -8,6 +8,8 @@ is owed until the time is up or the deposit is spent, and closes.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from bitmesh.chain import make_backend
 from bitmesh.chain.address import p2pkh_script, p2wpkh_script
 from bitmesh.channel import contract as c
 from bitmesh.channel.payer import Coin, MeterBounds, PayerLimits
+from bitmesh.channel.wire import sign_proof
 from bitmesh.errors import ChannelError, RequestError
 from bitmesh.paying import PayerSession
 from bitmesh.portal.client import PortalClient, PortalError
@@ -52,6 +55,17 @@ def parse_coin(text: str, key: CKey) -> Coin:
     return Coin(c.Outpoint(txid.lower(), vout), value, script, key)
 
 
+def save_channel(path: Path, record: dict) -> None:
+    """The channel's record (its client key: what proves the channel to the router) on disk,
+    mode 0600, synced: like the refund, it must outlive this process."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(json.dumps(record, indent=1) + "\n")
+        f.flush()
+        os.fsync(fd)
+
+
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -80,8 +94,11 @@ def run_pay(args: argparse.Namespace) -> int:
     coins = [parse_coin(text, key) for text in args.coin]
     _say(f"offer: {offer['network']}, {offer.get('tariff')}, prepay step {offer['prepay_step_sat']} sat")
     terms = session.open(args.deposit)
+    channel_file = Path(args.channel_file or f"channel-{terms['channel_id']}.json")
+    save_channel(channel_file, session.record())  # before any money moves: the key proves the channel
     _say(f"channel {terms['channel_id']}: deposit {args.deposit} sat to {terms['funding_address']}, "
          f"expiry {terms['expiry']}")
+    _say(f"the channel's key (it proves the channel: keep it secret) saved to {channel_file}")
     refund_file = Path(args.refund_file or f"refund-{terms['channel_id']}.hex")
     funded = session.fund_from_coins(coins, p2wpkh_script(key.pub), refund_path=refund_file)
     _say(f"funding {funded['funding']} ({funded['state']}); refund transaction saved to {refund_file}")
@@ -91,7 +108,7 @@ def run_pay(args: argparse.Namespace) -> int:
     refusal: ChannelError | None = None
     while time.monotonic() < deadline:
         try:
-            if ended := _pay_round(session, portal, step, args.session):
+            if ended := _pay_round(session, step, args.session):
                 break
         except ChannelError as e:
             if e.code != "owed_implausible":
@@ -118,12 +135,14 @@ def run_pay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pay_round(session: PayerSession, portal: PortalClient, step: int, ask_meter: bool) -> str | None:
+def _pay_round(session: PayerSession, step: int, ask_meter: bool) -> str | None:
     """One look at the meter and, when credit is below half a step, one payment. Says why
     there is nothing left to do ("spent": deposit paid and used; "closed": by the router)."""
-    s = portal.session() if ask_meter else None
+    s = session.session() if ask_meter else None  # proven by the channel's key
     ch = session.channel
     assert ch is not None
+    if s:
+        _warn_concurrent_use(session, s.get("concurrent_use"))
     if s and s["state"] == "closed":
         _say(f"channel closed by the router ({s['channel_state']})")
         return "closed"
@@ -140,6 +159,27 @@ def _pay_round(session: PayerSession, portal: PortalClient, step: int, ask_meter
     return None
 
 
+def _warn_concurrent_use(session: PayerSession, verdict: dict | None) -> None:
+    """Says so, once per new sighting, when the router saw two devices answer for this one's
+    addresses: a copy of its MAC and IP spending its credit (docs/security.md)."""
+    times = verdict.get("times", 0) if isinstance(verdict, dict) and verdict.get("detected") else 0
+    if times > session.concurrent_seen:
+        session.concurrent_seen = times
+        _say(f"concurrent use: {verdict.get('most_answers')} devices answered the router for this device's MAC and "
+             f"IP ({times} times since {verdict.get('first_seen')}): another device may be using your credit; stop "
+             "(your channel closes and settles) and use an encrypted (WPA3 OWE) network if there is one")
+
+
+def run_close(args: argparse.Namespace) -> int:
+    """`bitmesh close`: settle a channel `bitmesh pay` left open, proven by its saved key."""
+    record = json.loads(Path(args.channel_file).read_text())
+    key = CKey(bytes.fromhex(record["client_secret"]), compressed=True)
+    portal = PortalClient(args.portal or record["portal"])
+    closed = portal.close(record["channel_id"], sign_proof(key, "close", record["channel_id"]))
+    _say(f"closed: state {closed['state']}, settlement {closed['settlement_txid']}")
+    return 0
+
+
 def add_parser(sub) -> None:
     pay = sub.add_parser("pay", help="pay a BitMesh portal from the command line")
     pay.add_argument("--portal", required=True, help="portal base URL, e.g. http://192.168.1.1:8088")
@@ -148,6 +188,8 @@ def add_parser(sub) -> None:
     pay.add_argument("--fund-key", required=True, help="private key (hex or WIF) holding the coins")
     pay.add_argument("--coin", action="append", required=True, help="TXID:VOUT:SATS[:p2pkh] of that key")
     pay.add_argument("--refund-file", help="where to keep the signed refund (default refund-<id>.hex)")
+    pay.add_argument("--channel-file", help="where to keep the channel's key, which proves the channel to the router "
+                     "(to read its session, to close it later: `bitmesh close`; default channel-<id>.json, mode 0600)")
     pay.add_argument("--chain-url", help="your own node or explorer (Esplora or Core RPC URL), to check the "
                      "channel's expiry; without it the router's block height is trusted (a warning says so)")
     pay.add_argument("--chain-kind", choices=("core", "esplora"), default="esplora")
@@ -159,5 +201,10 @@ def add_parser(sub) -> None:
                      "since the first payment is not paid for")
     pay.add_argument("--no-session", dest="session", action="store_false",
                      help="do not ask the meter; pay one step at a time")
-    pay.add_argument("--no-close", action="store_true", help="leave the channel open")
+    pay.add_argument("--no-close", action="store_true",
+                     help="leave the channel open (close it later with `bitmesh close --channel-file ...`)")
     pay.set_defaults(func=run_pay)
+    close = sub.add_parser("close", help="close a channel `bitmesh pay` opened, proven by its saved key")
+    close.add_argument("--channel-file", required=True, help="the channel file `bitmesh pay` wrote")
+    close.add_argument("--portal", help="portal base URL (default: the one in the channel file)")
+    close.set_defaults(func=run_close)

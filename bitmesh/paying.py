@@ -28,6 +28,7 @@ from bitmesh.channel.payer import (
     offer_terms,
     unmetered_owed,
 )
+from bitmesh.channel.wire import sign_proof
 from bitmesh.portal.client import PortalClient, PortalError
 
 log = logging.getLogger(__name__)
@@ -47,16 +48,19 @@ class PayerSession:
     terms: OfferTerms | None = None  # the offer's step and tariff, fixed at open
     network: str = ""
     access_since: float | None = None  # clock() when the first payment left: the meter runs from there
+    client_secret: bytes = field(default=b"", repr=False)  # the channel's client key: kept (record()) to prove it
+    concurrent_seen: int = 0  # sightings of concurrent use already reported (`bitmesh pay` says each new one)
 
     @property
     def prepay_step(self) -> int:
         return self.terms.prepay_step if self.terms else 0
 
-    def open(self, deposit: int, client_key: CKey | None = None) -> dict:
+    def open(self, deposit: int, client_secret: bytes | None = None) -> dict:
         offer = self.portal.offer()
         self.network = offer["network"]
         self.terms = offer_terms(offer)  # later answers never change them
-        key = client_key or CKey(secrets.token_bytes(32))
+        self.client_secret = client_secret or secrets.token_bytes(32)
+        key = CKey(self.client_secret, compressed=True)
         refund_script = address_to_script(self.refund_address, self.network)
         terms = self.portal.open_channel(bytes(key.pub), deposit, self.refund_address)
         contract = check_terms(terms, bytes(key.pub), deposit, refund_script, self.tip_height(), self.limits)
@@ -113,8 +117,24 @@ class PayerSession:
         ch.acknowledged(answer["paid"])
         return answer
 
+    def proof(self, action: str) -> str:
+        """This channel's proof for `action` ("session", "close"): its client key's signature."""
+        return sign_proof(self._open_channel().client_key, action, self.channel_id or "")
+
+    def session(self) -> dict:
+        """The channel's session as the router meters it (proven: nobody else may read it)."""
+        return self.portal.session(self.channel_id or "", self.proof("session"))
+
     def close(self) -> dict:
-        return self.portal.close(self.channel_id or "")
+        return self.portal.close(self.channel_id or "", self.proof("close"))
+
+    def record(self) -> dict:
+        """What a payer keeps with its channel to act on it later (close it, read its session):
+        the client key among the rest; a secret, like the refund's key."""
+        ch = self._open_channel()
+        return {"portal": self.portal.base_url, "network": self.network, "channel_id": self.channel_id,
+                "client_secret": self.client_secret.hex(), "deposit": ch.deposit,
+                "expiry": ch.contract.expiry, "refund_address": self.refund_address}
 
     def _open_channel(self) -> PayerChannel:
         if self.channel is None:

@@ -40,6 +40,7 @@ from tests.support.router import (
     portal_call,
     python_in,
     read_settlement,
+    router_services,
 )
 
 pytestmark = [
@@ -155,18 +156,14 @@ class NoFirewallRouter(RouterService):
 @pytest.fixture
 def router(topo, bcoin, tmp_path):
     """`router(**uci_options)` starts the service (`firewall=False`: with --no-firewall)."""
-    started: list[RouterService] = []
+    with router_services(topo) as started:
+        def start(firewall: bool = True, **options) -> RouterService:
+            kind = RouterService if firewall else NoFirewallRouter
+            service = kind(topo, bcoin, tmp_path / f"router{len(started)}", options).start()
+            started.append(service)
+            return service
 
-    def start(firewall: bool = True, **options) -> RouterService:
-        kind = RouterService if firewall else NoFirewallRouter
-        service = kind(topo, bcoin, tmp_path / f"router{len(started)}", options).start()
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        service.stop()
-    run_in(topo.router.ns, "ip", "neigh", "flush", "dev", topo.LAN)
+        yield start
 
 
 @pytest.fixture
@@ -251,7 +248,7 @@ def test_a_client_cut_off_is_not_billed_for_the_gap_and_its_top_up_buys_its_full
     assert a1 < t1 + 1 and 2.8 <= b1 - t1 <= 5.1, windows
     assert abs(a2 - t2) < 1 and 2.8 <= b2 - t2 <= 5.1, windows
     assert abs((b2 - a2) - (b1 - a1)) < 1.5 and a2 - b1 > 2.5, windows
-    session = portal_call(c.ns, service.url, "session")
+    session = payer.session()  # the channel's, proven by its key
     assert session["state"] == "exhausted" and session["paid"] == second
     # Billed: the time the client had access, not the wall clock since its first payment.
     # (Whole seconds from the second of each payment; a meter pass may cut up to a second late.)
@@ -283,10 +280,10 @@ def test_a_close_after_a_gap_returns_the_unused_top_up(topo, router, pay, bcoin)
     assert windows, "the top-up after the gap gave no access"
     payer.kill()
     (t1, _), (t2, paid) = payment_times(payer)
-    closed = portal_call(c.ns, service.url, "close", payer.channel_id)
+    closed = payer.close()
     closed_at = time.time()
     assert closed["state"] == "settling"
-    session = portal_call(c.ns, service.url, "session")
+    session = payer.session()
     # The first step's seconds (at most 5) and those since the top-up: the 4 s gap is not among them.
     assert session["seconds_used"] <= 5 + (closed_at - t2) + 1 < closed_at - t1 - 2
     owed = session["owed"]
@@ -311,13 +308,13 @@ def test_one_live_channel_per_device(topo, router, pay, faucet, bcoin):
     err = failed_with(second, "client_has_channel")
     assert "close it first" in err
     assert topo.call(c.ns, "http_get", f"http://{UP}:8080/")["body"] == "UPSTREAM"
-    session = portal_call(c.ns, service.url, "session")
+    session = first.session()
     assert session["state"] == "open" and session["channel_id"] == first.channel_id
     captive = json.loads(topo.call(c.ns, "http_get", f"{service.url}/api/captive")["body"])
     assert captive["captive"] is False and 0 < captive["bytes-remaining"]  # the kernel meter's figure
     first.kill()
     # closed: settling, or `uneconomic` when the little it used does not pay a settlement fee
-    assert portal_call(c.ns, service.url, "close", first.channel_id)["state"] in ("settling", "uneconomic")
+    assert first.close()["state"] in ("settling", "uneconomic")
 
     coins = [funding_key(faucet, 13_000), funding_key(faucet, 15_000)]
     proc = subprocess.Popen(["ip", "netns", "exec", c.ns, sys.executable, "-c", TWO_CHANNELS, service.url,
@@ -337,7 +334,9 @@ def test_one_live_channel_per_device(topo, router, pay, faucet, bcoin):
         proc.wait()
     assert rest.get("x_closed") in ("settling", "uneconomic") and rest["y_state"] == "open", rest
     assert bcoin.mempool_has(half["y_funding"])
-    assert portal_call(c.ns, service.url, "session")["channel_id"] == half["y"]
+    assert portal_call(c.ns, service.url, "channel", half["y"])["state"] == "open"
+    # the device's public state is y's (funded, nothing paid yet), no longer the settled x's
+    assert portal_call(c.ns, service.url, "session")["state"] == "unpaid"
 
 
 @contextlib.contextmanager
@@ -403,11 +402,11 @@ def test_no_firewall_offer_api_and_settlement_agree_on_owed_equal_paid(topo, rou
     payer.wait_for(r"^paid \d+ sat")
     assert topo.call(c.ns, "http_get", f"http://{UP}:8080/")["body"] == "UPSTREAM"  # nobody is gated
     payer.kill()
-    session = portal_call(c.ns, service.url, "session")
+    session = payer.session()
     channel = portal_call(c.ns, service.url, "channel", payer.channel_id)
     paid = channel["paid"]
     assert paid > 0 and session["owed"] == channel["owed"] == paid and session["credit"] == 0
-    closed = portal_call(c.ns, service.url, "close", payer.channel_id)
+    closed = payer.close()
     assert (closed["state"], closed["owed"]) == ("settling", paid)
     bcoin.mine(1, key_address(new_key()))
     s = settlement(bcoin, closed["settlement_txid"], closed, payer.refund_address, service)

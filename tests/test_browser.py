@@ -367,3 +367,21 @@ def test_page_refuses_an_owed_its_router_cannot_account_for(page: Page, hotspot:
                                                    "This page does not pay it.")
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / "splash-owed-refused.png"), full_page=True)
+
+
+def test_page_reads_its_session_by_proof_and_shows_concurrent_use(page: Page, hotspot: Hotspot, liar: LyingPortal,
+                                                                  explorer: EsploraTestServer):
+    """The page reads its channel's session with its key's proof (the proxy only alters 200 answers:
+    a refused proof would show nothing) and tells its user when the router saw two devices answer
+    for its addresses (a MAC+IP copy spending its credit), with what to do."""
+    sightings = {"detected": True, "checked_at": 1_700_000_100, "first_seen": 1_700_000_000,
+                 "last_seen": 1_700_000_100, "times": 3, "most_answers": 2}
+    liar.lie("/api/session", lambda s: {**s, "concurrent_use": sightings} if "channel_id" in s else s)
+    ch = open_channel(page, hotspot, 100_000, explorer=explorer.url, base=liar.url)
+    expect(page.locator("#concurrent")).to_be_hidden()
+    fund_through_page(page, hotspot, ch)
+    box = page.locator("#concurrent")
+    expect(box).to_be_visible(timeout=10_000)
+    expect(box).to_contain_text("Another device is using this connection: 2 devices answered the router")
+    expect(box).to_contain_text("(3 times, last at")
+    expect(box).to_contain_text('WPA3 "OWE"')

@@ -9,16 +9,17 @@ import re
 import shutil
 import subprocess
 import uuid
+from dataclasses import replace
 
 import pytest
 
 from bitmesh.errors import BitMeshError, ConfigError
 from bitmesh.firewall import ClientAddressError, FirewallConfig, FirewallError, Gate, PaidClient, UnknownClient
-from bitmesh.firewall.gate import parse_state
-from bitmesh.firewall.ruleset import quota_name, render, render_delete
+from bitmesh.firewall.gate import MAX_LEARNED, learned_ipv6, parse_state
+from bitmesh.firewall.ruleset import dns_uncut, quota_name, render, render_delete
 
 CFG = FirewallConfig(lan_interface="br-guest", router_ipv4="10.77.1.1", router_ipv6="fd77:1::1", portal_port=2050,
-                     garden_hosts4=("198.51.100.7", "203.0.113.0/24"), garden_hosts6=("2001:db8::/32",))
+                     garden=(("198.51.100.7", 443), ("198.51.100.7", 80), ("2001:db8::7", 443)))
 MAC = "02:77:00:00:00:01"
 
 
@@ -34,6 +35,12 @@ def rules(text: str) -> list[str]:
         elif in_chain and s and not s.startswith(("#", "type ")):
             out.append(s)
     return out
+
+
+def chain(text: str, name: str) -> list[str]:
+    """The rule lines of one chain."""
+    body = text[text.index(f"\tchain {name} {{\n"):]
+    return rules(body[: body.index("\n\t}\n") + 4])
 
 
 def many(n: int) -> list[PaidClient]:
@@ -63,21 +70,61 @@ def test_unpaid_policy():
     r = rules(render(CFG))
     assert "ether saddr . ip saddr != @paid4 tcp dport 80 dnat ip to 10.77.1.1:2050" in r
     assert "ether saddr . ip6 saddr != @paid6 tcp dport 80 dnat ip6 to [fd77:1::1]:2050" in r
-    assert "meta l4proto { tcp, udp } th dport { 8333, 18333, 18444, 50001, 50002 } goto garden_up" in r
-    assert any("limit rate over 64 kbytes/second" in x for x in r)
-    assert "tcp dport 2050 accept" in r and "meta l4proto { tcp, udp } th dport 53 accept" in r
-    # lan_up, lan_down and lan_local all end in drop; the only established accepts are for the
-    # router itself and for walled-garden replies.
+    assert "tcp dport 2050 accept" in r
+    # lan_up, lan_down and lan_local all end in drop; the only established accept is for the
+    # router itself (replies towards the LAN are `ct direction reply`, see below).
     assert r.count("drop") >= 3
-    est = [x for x in r if "established" in x]
-    assert est == [
-        "ct state established,related accept",
-        "ct state established,related meta l4proto { tcp, udp } th sport { 8333, 18333, 18444, 50001, 50002 }"
-        " goto garden_down",
-        "ct state established,related ip saddr @garden4 goto garden_down",
-        "ct state established,related ip6 saddr @garden6 goto garden_down",
-    ]
-    assert "198.51.100.7/32" in render(CFG) and "203.0.113.0/24" in render(CFG)
+    assert [x for x in r if "established" in x] == ["ct state established,related accept"]
+
+
+def test_walled_garden_is_host_and_port_limited_per_device_and_fails_closed():
+    """Issue 10, item 4: no Bitcoin ports to any host; only listed address . port pairs (TCP and
+    UDP); their HTTP is not redirected; buckets per device (MAC up, the flow's device down), and a
+    full bucket or flow set drops (no `limit rate over ... drop` that a full set would skip)."""
+    text = render(CFG)
+    r = rules(text)
+    assert "8333" not in text and "50002" not in text
+    assert "set garden4 {\n\t\ttype ipv4_addr . inet_service\n\t\telements = {\n\t\t\t198.51.100.7 . 80,\n" \
+           "\t\t\t198.51.100.7 . 443\n\t\t}" in text
+    assert "set garden6 {\n\t\ttype ipv6_addr . inet_service\n\t\telements = {\n\t\t\t2001:db8::7 . 443\n" in text
+    assert chain(text, "lan_up")[-3:] == ["meta l4proto { tcp, udp } ip daddr . th dport @garden4 goto garden_up",
+                                          "meta l4proto { tcp, udp } ip6 daddr . th dport @garden6 goto garden_up",
+                                          "drop"]
+    # the captive redirect returns first for a listed host:port (HTTP to a garden host:80)
+    cap = chain(text, "captive")
+    assert cap[:2] == ["ip daddr . tcp dport @garden4 return", "ip6 daddr . tcp dport @garden6 return"]
+    assert cap[2].startswith("ether saddr . ip saddr != @paid4 tcp dport 80 dnat")
+    rate = "limit rate 64 kbytes/second burst 256 kbytes"
+    assert chain(text, "garden_up") == [
+        f"update @garden_up {{ ether saddr {rate} }} update @garden_flow {{ ct id : jhash ether saddr mod 4294967291 }}"
+        " accept", "drop"]
+    assert chain(text, "garden_down") == [
+        f"meta mark set ct id map @garden_flow update @garden_down {{ meta mark {rate} }} accept", "drop"]
+    assert chain(text, "lan_down")[-4:] == [
+        "meta l4proto { tcp, udp } ip saddr . th sport @garden4 goto garden_down",
+        "meta l4proto { tcp, udp } ip6 saddr . th sport @garden6 goto garden_down",
+        "ct state related meta l4proto { icmp, ipv6-icmp } goto garden_down", "drop"]
+    assert not [x for x in r if "garden" in x and "limit rate over" in x]
+    assert "set garden_up {\n\t\ttype ether_addr\n\t\tsize 1024\n\t\tflags dynamic,timeout" in text
+    assert "set garden_down {\n\t\ttypeof meta mark\n\t\tsize 1024\n" in text
+    assert "map garden_flow {\n\t\ttypeof ct id : meta mark\n\t\tsize 8192\n" in text
+    small = render(replace(CFG, garden_devices=4, garden_flows=16, garden=()))
+    assert "size 4\n" in small and "size 16\n" in small and "elements" not in small.split("set garden4")[1][:60]
+
+
+def test_only_replies_reach_the_lan_and_paid_devices_unknown_addresses_are_noted():
+    """Issue 10, items 5 and 6: towards the LAN only `ct direction reply` (the client's own
+    connections) reaches the counters; a paid MAC's ungranted IPv6 source is noted in seen6."""
+    text = render(CFG)
+    assert chain(text, "forward") == ['iifname "br-guest" jump lan_up',
+                                      'oifname "br-guest" ct direction reply goto lan_down', 'oifname "br-guest" drop']
+    assert chain(text, "lan_up")[4] == \
+        "meta nfproto ipv6 ether saddr @paid_macs update @seen6 { ether saddr . ip6 saddr }"
+    assert "set seen6 {\n\t\ttype ether_addr . ipv6_addr\n\t\tsize 256\n\t\tflags dynamic,timeout\n" in text
+    # every paid device is in paid_macs, with its grant's timeout
+    t = render(CFG, [PaidClient(MAC, ipv4="10.77.1.11", expires_at=110.0)], now=100.0)
+    assert "set paid_macs {\n\t\ttype ether_addr\n\t\tflags timeout\n\t\telements = {\n\t\t\t" \
+           f"{MAC} timeout 10000ms" in t
 
 
 def test_counting_comes_before_any_accept_of_forwarded_traffic():
@@ -96,8 +143,64 @@ def test_counting_comes_before_any_accept_of_forwarded_traffic():
         "ip daddr @down4 accept",
         "ip6 daddr @down6 accept",
     ]
-    # Positive lookups of the counting sets happen once per packet (a lookup bumps counters).
-    assert sum(1 for x in r if re.search(r"(?<!!= )@(paid|down)[46]\b", x)) == 4
+    # Positive lookups of the counting sets happen once per forwarded packet (a lookup bumps
+    # counters): in lan_up and lan_down only.
+    text = render(CFG)
+    fwd = rules(text[text.index("\tchain forward {"):text.index("\tchain garden_down {")])
+    assert sum(1 for x in fwd if re.search(r"(?<!!= )@(paid|down)[46]\b", x)) == 4
+
+
+def test_dns_of_devices_without_access_goes_to_the_captive_resolver_and_paid_dns_is_metered():
+    """Issue 10, item 3: DNS to the router from a device without access (not granted its MAC .
+    address pair, or noted over its quota in dns_cut) is dnat'ed to the captive resolver, which a
+    per-device bucket guards (a full bucket set drops); the owner's resolver is for devices with
+    access only and counts their DNS both ways, quota first; port 53 is no longer open to all."""
+    text = render(CFG)
+    assert 'iifname "br-guest" meta l4proto { tcp, udp } th dport 53 fib daddr type local jump captive_dns' \
+        in chain(text, "prerouting")
+    dnat4, dnat6 = "dnat ip to 10.77.1.1:2053", "dnat ip6 to [fd77:1::1]:2053"
+    assert chain(text, "captive_dns") == [
+        f"ether saddr @dns_cut meta nfproto ipv4 meta l4proto {{ tcp, udp }} {dnat4}",
+        f"ether saddr @dns_cut meta nfproto ipv6 meta l4proto {{ tcp, udp }} {dnat6}",
+        "ether saddr . ip6 saddr != @paid6 ether saddr @paid_macs update @seen6 { ether saddr . ip6 saddr }",
+        f"ether saddr . ip saddr != @paid4 meta l4proto {{ tcp, udp }} {dnat4}",
+        f"ether saddr . ip6 saddr != @paid6 meta l4proto {{ tcp, udp }} {dnat6}",
+    ]
+    # input: both DNS ports judged before lan_local's established accept; no open port 53
+    assert chain(text, "input")[:2] == [
+        'iifname "br-guest" meta l4proto { tcp, udp } th dport { 53, 2053 } jump lan_dns',
+        'iifname "br-guest" jump lan_local']
+    assert not [x for x in chain(text, "lan_local") if "53" in x]
+    assert chain(text, "lan_dns") == [
+        "th dport 2053 goto dns_captive",
+        "quota name ether saddr . ip saddr map @quota_up4 goto dns_over",
+        "quota name ether saddr . ip6 saddr map @quota_up6 goto dns_over",
+        "ether saddr . ip saddr @paid4 accept",
+        "ether saddr . ip6 saddr @paid6 accept",
+        "drop"]
+    assert chain(text, "dns_over") == ["update @dns_cut { ether saddr }", "drop"]
+    assert chain(text, "dns_captive") == [
+        "update @dns_meter { ether saddr limit rate over 20/second burst 60 packets } drop",
+        "ether saddr != @dns_meter drop", "accept"]
+    assert "set dns_meter {\n\t\ttype ether_addr\n\t\tsize 4096\n\t\tflags dynamic,timeout\n" in text
+    # answers of the owner's resolver are download: quota, then the counting lookups
+    assert chain(text, "lan_dns_out") == [
+        "quota name ip daddr map @quota_down4 drop", "quota name ip6 daddr map @quota_down6 drop",
+        "ip daddr @down4 accept", "ip6 daddr @down6 accept"]
+    assert 'oifname "br-guest" meta l4proto { tcp, udp } th sport 53 goto lan_dns_out' in chain(text, "output")
+    # no router IPv6 address: IPv6 DNS of the captive is not redirected (lan_dns drops it)
+    v4only = render(replace(CFG, router_ipv6=None))
+    assert "dnat ip6" not in v4only and dnat4 in v4only
+    # a device paying again leaves dns_cut in one batch, present or not
+    assert dns_uncut(MAC.upper()) == [f"add element inet bitmesh dns_cut {{ {MAC} }}",
+                                      f"delete element inet bitmesh dns_cut {{ {MAC} }}"]
+
+
+@pytest.mark.parametrize("port", [53, 2050, 0, 70000, True])
+def test_captive_dns_port_must_be_free(port):
+    with pytest.raises(ConfigError) as e:
+        render(replace(CFG, captive_dns_port=port))
+    assert "captive DNS port" in str(e.value) and e.value.code == "config_invalid"
 
 
 def test_client_elements_carry_usage_and_time():
@@ -146,11 +249,10 @@ def test_an_address_cannot_belong_to_two_clients():
 @pytest.mark.parametrize(
     "change",
     [{"lan_interface": "br-lan; flush ruleset"}, {"router_ipv4": "10.77.1"}, {"router_ipv4": None, "router_ipv6": None},
-     {"portal_port": 0}, {"garden_hosts4": ("fd77::/64",)}, {"garden_rate_kbytes": 0}],
+     {"portal_port": 0}, {"garden": (("fd77::/64", 443),)}, {"garden": (("10.0.0.1", 0),)},
+     {"garden": (("mempool.space", 443),)}, {"garden_rate_kbytes": 0}, {"garden_devices": 0}, {"garden_flows": -1}],
 )
 def test_bad_config_is_refused(change):
-    from dataclasses import replace
-
     with pytest.raises(ConfigError) as e:
         render(replace(CFG, **change))
     assert e.value.code == "config_invalid"
@@ -211,6 +313,7 @@ def test_update_quota_carries_counted_bytes_in_one_batch():
         f"add quota inet bitmesh {quota_name(MAC)} {{ over 5000 bytes used 1000 bytes; }}",
         f'add element inet bitmesh quota_up4 {{ {MAC} . 10.77.1.11 : "{quota_name(MAC)}" }}',
         f'add element inet bitmesh quota_down4 {{ 10.77.1.11 : "{quota_name(MAC)}" }}',
+        *dns_uncut(MAC),
     ]
     # A new expiry replaces the counting elements too, with their counters carried.
     g.update_quota(MAC, expires_at=160.0)
@@ -241,6 +344,40 @@ def test_allow_refuses_an_address_of_another_client():
     g.start([PaidClient(MAC, ipv4="10.77.1.11")])
     with pytest.raises(ClientAddressError):
         g.allow(PaidClient("02:77:00:00:00:02", ipv4="10.77.1.11"))
+
+
+def test_learned_ipv6_are_the_global_addresses_the_neighbour_table_binds_to_the_mac():
+    """Issue 10, item 6 (pure part): which IPv6 addresses a paid device gets besides its own."""
+    other = "02:77:00:00:00:02"
+    table = {"fd77:1::b": MAC, "fd77:1::abcd": MAC, "fe80::1": MAC, "ff02::1": MAC, "fd77:1::c": other,
+             "fd77:1::d": MAC}
+    assert learned_ipv6(MAC, (), table, taken={"fd77:1::d"}) == ["fd77:1::abcd", "fd77:1::b"]
+    # at most MAX_LEARNED, the ones already held first (a flood of new ones cannot push them out)
+    flood = {f"fd77:1::f:{i:x}": MAC for i in range(100)}
+    held = ("fd77:1::f:63",)
+    got = learned_ipv6(MAC, held, flood, taken=set())
+    assert len(got) == MAX_LEARNED and got[0] == "fd77:1::f:63"
+
+
+def test_sync_addresses_grants_learned_addresses_bound_to_the_mac_and_takes_them_back():
+    nft = FakeNft()
+    g = Gate(CFG, nft, clock=lambda: 0.0)
+    g.start([PaidClient(MAC, ipv4="10.77.1.11", quota_bytes=10**6), PaidClient("02:77:00:00:00:02",
+                                                                              ipv4="10.77.1.12",
+                                                                              ipv6=("fd77:1::c",))])
+    nft.loads.clear()
+    changed = g.sync_addresses([("10.77.1.11", MAC), ("fd77:1::b", MAC), ("fe80::1", MAC), ("fd77:1::c", MAC)])
+    assert changed == [MAC]
+    batch = nft.loads[-1]
+    assert f"add element inet bitmesh paid6 {{ {MAC} . fd77:1::b" in batch
+    assert f'add element inet bitmesh quota_up6 {{ {MAC} . fd77:1::b : "{quota_name(MAC)}" }}' in batch
+    assert "fe80::1" not in batch and "fd77:1::c" not in batch  # link-local; another device's own
+    assert g._clients[MAC].addresses == ("10.77.1.11", "fd77:1::b")
+    nft.loads.clear()
+    assert g.sync_addresses([("fd77:1::b", MAC)]) == []  # nothing changed: nothing written
+    assert nft.loads == []
+    assert g.sync_addresses([]) == [MAC]  # gone from the neighbour table: gone from the grant
+    assert g._clients[MAC].addresses == ("10.77.1.11",)
 
 
 # -- the kernel's own parser and validator -----------------------------------------------------

@@ -25,7 +25,7 @@ import pytest
 from bitmesh.firewall import FirewallConfig, Gate, Nft, PaidClient
 from bitmesh.firewall.ruleset import quota_name
 from tests.support.netns import PYTHON, Topology, run_in
-from tests.support.router import Payer, RouterService, portal_call
+from tests.support.router import Payer, RouterService
 
 pytestmark = [
     pytest.mark.netns,
@@ -258,14 +258,14 @@ def test_service_restores_the_table_fail_closed_with_paid_allowances(topo, bcoin
         for name, command in DELETIONS.items():
             if name == "fw4 flush":
                 run_in(topo.router.ns, "nft", "-f", "-", input=FW4_TABLE)
-            before = portal_call(c.ns, service.url, "session")
+            before = payer.session()  # the channel's, proven by its key
             sent_through = len(arrivals.lines)
             since = time.monotonic()
             run_in(topo.router.ns, "sh", "-c", command)
             restore = restore_events(events, since)
             limit, used = quota(topo, c.mac)
             got = delivered(topo)
-            after = portal_call(c.ns, service.url, "session")
+            after = payer.session()
             assert restore.seconds < RESTORE_LIMIT_S, (name, restore)
             # What it paid for and what it used are the same after the restore ...
             assert (limit, after["paid"], before["paid"]) == (allowance, 20_000, 20_000), name
@@ -284,7 +284,7 @@ def test_service_restores_the_table_fail_closed_with_paid_allowances(topo, bcoin
         # ... and it kept browsing through all three.
         paced.join(30)
         assert download == {"bytes": 3_000_000, "complete": True}, download
-        session = portal_call(c.ns, service.url, "session")
+        session = payer.session()
         assert session["paid"] == 20_000 and session["bytes_used"] <= delivered(topo)
 
         assert {line.split()[1] for line in arrivals.lines} <= {unpaid.ipv4}

@@ -17,9 +17,10 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from bitmesh.chain.address import address_to_script, p2wpkh_script
+from bitmesh.meter import SESSION_READ_AGE
 from tests.support.browser import OUTPUT, collect_errors, launch_chromium, phone_context_args
 from tests.support.coins import NETWORK, key_address, new_key, sign_p2wpkh_spend
-from tests.support.netns import Topology, run_in
+from tests.support.netns import Topology
 from tests.support.router import (
     Payer,
     RouterService,
@@ -28,6 +29,7 @@ from tests.support.router import (
     portal_call,
     read_payout,
     read_settlement,
+    router_services,
 )
 from tools.demo import run_story
 
@@ -61,17 +63,13 @@ def topo(bcoin):
 @pytest.fixture
 def router(topo, bcoin, tmp_path):
     """`router(**uci_options)` starts the service; it is stopped (table removed) afterwards."""
-    started: list[RouterService] = []
+    with router_services(topo) as started:
+        def start(with_ubus: bool = False, **options) -> RouterService:
+            service = RouterService(topo, bcoin, tmp_path / "router", options, with_ubus=with_ubus).start()
+            started.append(service)
+            return service
 
-    def start(with_ubus: bool = False, **options) -> RouterService:
-        service = RouterService(topo, bcoin, tmp_path / "router", options, with_ubus=with_ubus).start()
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        service.stop()
-    run_in(topo.router.ns, "ip", "neigh", "flush", "dev", topo.LAN)
+        yield start
 
 
 @pytest.fixture
@@ -159,7 +157,7 @@ def test_byte_tariff_stops_within_one_packet_of_the_paid_quota(topo, router, pay
     total = delivered(topo)
     assert quota - MTU_PACKET < total <= quota  # upload plus download, counted at the endpoints
     assert not topo.call(c.ns, "tcp_connect", "10.77.2.2", 8080)["ok"]
-    session = portal_call(c.ns, service.url, "session")
+    session = payer.session()  # the channel's, proven by its key
     assert session["bytes_used"] == total and session["paid"] == 5_000
 
 
@@ -174,7 +172,7 @@ def test_time_tariff_ends_at_the_paid_second(topo, router, pay):
     # meter shows as seconds_used; asked within one wall-clock second so it is unambiguous.
     while True:
         before = time.time()
-        s = portal_call(c.ns, service.url, "session")
+        s = payer.session()
         if int(before) == int(time.time()):
             break
     end = int(before) - s["seconds_used"] + 4
@@ -196,14 +194,14 @@ def test_service_restart_keeps_paid_clients_online(topo, router, pay, bcoin):
     payer.wait_for(r"^paid \d+ sat")
     got = topo.call(c.ns, "download", f"{UP}:8080/bytes/1000000", idle=5, rate=2_000_000)
     assert got["complete"]
-    used_before = portal_call(c.ns, service.url, "session")["bytes_used"]
+    used_before = payer.session()["bytes_used"]
 
     service.kill()  # SIGKILL: the kernel table stays, nobody cleans up
     assert http(topo, c, f"{UP}:8080/")["body"] == "UPSTREAM"
     service.start()  # procd respawns it
     assert http(topo, c, f"{UP}:8080/")["body"] == "UPSTREAM"
     assert not http(topo, other, f"{UP}:8080/", timeout=1)["ok"]
-    assert portal_call(c.ns, service.url, "session")["bytes_used"] >= used_before  # counts carried
+    assert payer.session()["bytes_used"] >= used_before  # counts carried
 
     # The payer rode out the outage (whether or not one of its polls fell into it): it is still
     # running, and more browsing brings more payments.
@@ -217,11 +215,12 @@ def test_service_restart_keeps_paid_clients_online(topo, router, pay, bcoin):
 
     # Close with credit left: the unused part goes back to the client at settlement.
     deadline = time.monotonic() + 10
-    while (s := portal_call(c.ns, service.url, "session"))["credit"] < 1_000 and time.monotonic() < deadline:
+    while (s := payer.session())["credit"] < 1_000 and time.monotonic() < deadline:
         time.sleep(0.2)
     payer.kill()
-    s = portal_call(c.ns, service.url, "session")
-    closed = portal_call(c.ns, service.url, "close", s["channel_id"])
+    time.sleep(SESSION_READ_AGE + 0.5)  # a session answer may state a reading up to this old
+    s = payer.session()
+    closed = payer.close()
     bcoin.mine(1, service.payout_address)
     owed = math.ceil(delivered(topo) * 1000 / 1_000_000)
     assert owed == s["owed"]
@@ -293,20 +292,23 @@ def test_browser_in_the_client_namespace_pays_browses_and_closes(topo, router, f
 
         # Upstream opens in another tab once the first payment is in; a 3 MB download at
         # 1000 sat/MB uses more than the first step, so the page must pay again by itself.
-        first = wait_until(lambda: portal_call(c.ns, service.url, "session")["paid"], 15, "the first payment")
+        # the page's channel as the router has it (its session is the page's: only its key reads it)
+        first = wait_until(lambda: portal_call(c.ns, service.url, "channel", channel_id)["paid"], 15,
+                           "the first payment")
         assert first == 2_000
         web = context.new_page()
         web.goto(f"{UP}:8080/")
         assert web.locator("body").inner_text().strip() == "UPSTREAM"
         got = web.evaluate("fetch('/bytes/3000000').then(r => r.arrayBuffer()).then(b => b.byteLength)")
         assert got == 3_000_000
-        wait_until(lambda: portal_call(c.ns, service.url, "session")["paid"] > first, 15, "a payment by the page")
+        wait_until(lambda: portal_call(c.ns, service.url, "channel", channel_id)["paid"] > first, 15,
+                   "a payment by the page")
         web.close()
 
         page.click("#close-btn")
         expect(page.locator("#settlement")).to_contain_text("Settled in transaction", timeout=15_000)
-        s = portal_call(c.ns, service.url, "session")
-        txid = portal_call(c.ns, service.url, "channel", channel_id)["settlement_txid"]
+        s = portal_call(c.ns, service.url, "channel", channel_id)  # paid and the owed it settled for
+        txid = s["settlement_txid"]
         assert txid in page.locator("#settlement").inner_text()
         context.close()
         browser.close()

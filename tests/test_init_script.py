@@ -26,7 +26,7 @@ from bitmesh.service import RESTART_OPTIONS
 from tests.support.coins import key_address, new_key
 from tests.support.netns import Topology, run_in
 from tests.support.procd import ProcdRouter, router_options
-from tests.support.router import Payer, portal_call
+from tests.support.router import Payer
 
 ROOT = Path(__file__).resolve().parent.parent
 INIT = ROOT / "files" / "etc" / "init.d" / "bitmesh"
@@ -177,7 +177,7 @@ def test_price_change_is_a_hup_portal_port_change_a_restart(topo, router, bcoin,
     try:
         payer.wait_for(r"^paid \d+ sat")
         assert topo.call(c.ns, "http_get", f"{UP}:8080/")["body"] == "UPSTREAM"
-        before = portal_call(c.ns, f"http://{topo.router.ipv4}:{PORT}", "session")
+        before = payer.session()  # the channel's, proven by its key
 
         # A price: SIGHUP to the same process; the paid client stays online with its bytes.
         mark = len(r.logread())
@@ -186,7 +186,7 @@ def test_price_change_is_a_hup_portal_port_change_a_restart(topo, router, bcoin,
         assert r.pid() == pid
         assert json.loads(r.portal(unpaid, PORT)["body"])["tariff"]["sat_per_mb"] == 1500
         assert topo.call(c.ns, "http_get", f"{UP}:8080/")["body"] == "UPSTREAM"
-        now = portal_call(c.ns, f"http://{topo.router.ipv4}:{PORT}", "session")
+        now = payer.session()
         assert now["state"] == "open" and now["channel_id"] == before["channel_id"]
         assert now["bytes_used"] >= before["bytes_used"] and now["paid"] >= before["paid"]
     finally:

@@ -398,7 +398,7 @@ def test_flash_fills_mid_session_nothing_acknowledged_is_lost_and_the_session_go
             # The payer got the clear refusal (507 storage_full) and keeps retrying.
             payer.wait_for(r"storage full while storing the payment: not stored, not acknowledged", after=mark)
             acked = payer.payments()[-1]
-            session = portal_call(c.ns, service.url, "session")
+            session = payer.session()  # the channel's, proven by its key
             assert session["paid"] == acked  # what the router holds is what it acknowledged ...
             assert _reload(state / "channels.journal")[0][session["channel_id"]].paid == acked  # ... on disk
             # Room again, and a restart (procd's respawn): the session continues from there.
@@ -412,9 +412,9 @@ def test_flash_fills_mid_session_nothing_acknowledged_is_lost_and_the_session_go
             payer.wait_for(r"^paid \d+ sat", after=mark)
             assert payer.payments()[-1] > acked
             payer.kill()
-            s = portal_call(c.ns, service.url, "session")
+            s = payer.session()
             assert s["paid"] >= payer.payments()[-1]
-            closed = portal_call(c.ns, service.url, "close", s["channel_id"])
+            closed = payer.close()
             bcoin.mine(1, service.payout_address)
             # Mined, and its input checked by Bitcoin Core's consensus interpreter: output 0 is the
             # client's change exactly as it signed it in the last acknowledged payment.

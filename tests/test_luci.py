@@ -124,12 +124,15 @@ def test_declared_methods_are_the_services_and_the_acl_grants_exactly_them():
     assert set(acl) == {"luci-app-bitmesh"}
     grants = acl["luci-app-bitmesh"]
     assert set(grants) == {"description", "read", "write"}
-    # nothing but ubus on LuCI's bitmesh object and uci on the bitmesh config (no file, no
-    # cgi-io, no other ubus object, not the CLI's `bitmesh`)
+    # nothing but ubus on LuCI's bitmesh object and uci on the bitmesh config, plus reading the
+    # `wireless` config the Settings page loads to say whether the gated Wi-Fi uses OWE (no file,
+    # no cgi-io, no other ubus object, not the CLI's `bitmesh`)
+    loaded = {name for view in _views() for name in re.findall(r"\buci\.load\('(\w+)'\)", view.read_text())}
+    assert loaded == {"bitmesh", "wireless"}
+    assert grants["read"]["uci"] == sorted(loaded) and grants["write"]["uci"] == ["bitmesh"]
     granted: dict[str, set[str]] = {}
     for kind in ("read", "write"):
         assert set(grants[kind]) == {"ubus", "uci"}, f"{kind}: {sorted(grants[kind])}"
-        assert grants[kind]["uci"] == ["bitmesh"]
         assert set(grants[kind]["ubus"]) == {LUCI_OBJECT}
         methods = grants[kind]["ubus"][LUCI_OBJECT]
         assert len(methods) == len(set(methods)), f"{kind}: a method listed twice"
@@ -188,6 +191,7 @@ def test_settings_form_covers_exactly_the_config_options():
 
     assert widget("enabled") == "form.Flag"
     assert widget("walled_garden_host") == "form.DynamicList"
+    assert widget("walled_garden") == "form.DynamicList"
     # the RPC password field is masked
     assert "o.password = true;" in _option_block(source, "core_rpc_password")
     # every option shown for one choice only keeps its value while hidden (LuCI removes it on
@@ -222,6 +226,84 @@ def test_zero_conf_total_cap_is_a_form_option_validated_as_the_service_does():
     # emptied in the form (the option removed): five channels at the per-channel cap, as the form says
     assert "Empty: five times the per-channel cap." in block
     assert config.Settings.from_dict({"zero_conf_max_sat": "30000"}).zero_conf_total_max_sat == 150_000
+
+
+GARDEN_CASES = [
+    "mempool.space:443", "10.0.0.1:80", "[2001:db8::1]:443", "[::ffff:10.0.0.1]:8333", "a.b:65535", "a.b:0443",
+    "mempool.space", "mempool.space:", "mempool.space:0", "mempool.space:65536", "2001:db8::1:443",
+    "[2001:db8::1]", "[bad_host]:80", "bad_host:80", "a..b:80", ":443", "[1:2:3:4:5:6:7:8:9]:443",
+    "http://mempool.space:443", "mempool.space:443/api", "host:4x3", "",
+]
+
+
+def test_walled_garden_is_host_port_validated_by_the_form_as_by_the_service():
+    """`walled_garden` (issue 10): a list of host:port, IPv6 in brackets; the form's validator
+    (settings.js isHostPort, run here in node) accepts exactly what the service accepts, and
+    `walled_garden_host` stays valid as host:443."""
+    source = SETTINGS_JS.read_text()
+    block = _option_block(source, "walled_garden")
+    assert "isHostPort(value)" in block and "o.placeholder = 'mempool.space:443';" in block
+    assert "#list walled_garden 'mempool.space:443'" in UCI_CONFIG.read_text()
+    helpers = source[source.index("var LABEL = "):source.index("// What another option of this form")]
+    script = helpers + f"console.log(JSON.stringify({json.dumps(GARDEN_CASES)}.map(isHostPort)));"
+    run = subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True)
+    form = dict(zip(GARDEN_CASES, json.loads(run.stdout), strict=True))
+    for value in GARDEN_CASES:
+        try:
+            config.Settings.from_dict({"walled_garden": [value]})
+            service = True
+        except config.ConfigError as e:
+            assert str(e).startswith("walled_garden:") and e.code == "config_invalid"
+            service = False
+        assert form[value] == service, f"{value!r}: form {form[value]}, service {service}"
+    assert sum(form.values()) == 6
+    s = config.Settings.from_dict({"walled_garden": ["Mempool.Space:443", "[2001:DB8::1]:80", "10.0.0.1:8333"],
+                                   "walled_garden_host": ["blockstream.info", "mempool.space"]})
+    assert s.walled_garden == ("mempool.space:443", "[2001:db8::1]:80", "10.0.0.1:8333")
+    assert s.garden == (("mempool.space", 443), ("2001:db8::1", 80), ("10.0.0.1", 8333), ("blockstream.info", 443))
+    assert config.Settings.from_dict({"walled_garden": "a.b:1"}).garden == (("a.b", 1),)  # one UCI option
+
+
+WIFI_CASES = {  # `option encryption` -> what the Settings page makes of it
+    "owe": "owe", "sae": "key", "sae-mixed": "key", "psk2+ccmp": "key", "psk-mixed": "key", "wpa2": "key",
+    "wpa3": "key", "none": "open", "": "open", "wep-open": "open",
+}
+
+
+def _wifi_helpers() -> str:
+    """settings.js's Wi-Fi helpers, runnable in node with LuCI's `_` and String.format stubbed."""
+    source = SETTINGS_JS.read_text()
+    body = source[source.index("// --- Wi-Fi encryption of the gated network"):source.index("return view.extend(")]
+    return ("var _ = function(s) { return s; };\n"
+            "String.prototype.format = function() { var a = [].slice.call(arguments), i = 0;"
+            " return this.replace(/%s/g, function() { return a[i++]; }); };\n" + body)
+
+
+def test_settings_page_tells_the_gated_wifis_encryption():
+    """Issue 10 item 8: the Settings page says whether the gated network's access points use OWE.
+    settings.js (run in node) classifies each `encryption` and picks the enabled AP interfaces of
+    the gated network only (a list or a space-separated `network`); tests/test_luci_owrt.py shows it
+    in the real LuCI."""
+    sections = [
+        {".name": "open_lan", "network": "lan", "mode": "ap", "ssid": "Cafe", "encryption": "none",
+         "owe_transition_ifname": "owe_lan"},
+        {".name": "owe_lan", "network": ["lan", "iot"], "ssid": "Cafe-OWE", "encryption": "owe"},
+        {".name": "off", "network": "lan", "encryption": "none", "disabled": "1"},
+        {".name": "sta", "network": "lan", "mode": "sta", "encryption": "psk2"},
+        {".name": "guest", "network": "guest lan2", "encryption": "none"},
+        {".name": "home", "network": "home", "encryption": "sae"},
+    ]
+    script = _wifi_helpers() + (
+        f"var cases = {json.dumps(list(WIFI_CASES))};\n"
+        "console.log(JSON.stringify({levels: cases.map(function(e) { return wifiProtection(e)[0]; }),"
+        f" lan: gatedWifi({json.dumps(sections)}, 'lan'), lan2: gatedWifi({json.dumps(sections)}, 'lan2'),"
+        f" none: gatedWifi({json.dumps(sections)}, 'wan')}}));")
+    out = json.loads(subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True).stdout)
+    assert dict(zip(WIFI_CASES, out["levels"], strict=True)) == WIFI_CASES
+    assert [(a["name"], a["level"], a["transition"]) for a in out["lan"]] == [
+        ("open_lan", "open", "owe_lan"), ("owe_lan", "owe", "")]
+    assert "not encrypted" in out["lan"][0]["text"] and "own keys" in out["lan"][1]["text"]
+    assert [a["name"] for a in out["lan2"]] == ["guest"] and out["none"] == []
 
 
 # --- menu, JSON, Makefile ----------------------------------------------------------------------

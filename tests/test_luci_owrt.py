@@ -206,6 +206,90 @@ def test_hidden_options_survive_a_save(router, open_page):
 
 # --- the form's checks against the service's, value by value ----------------------------------
 
+# The router's Wi-Fi: an open access point on the gated network in OWE transition mode with an
+# OWE one, a disabled open one, and an uplink (a station) on another network: neither is shown.
+WIRELESS_OPEN = """config wifi-device 'radio0'
+\toption type 'mac80211'
+
+config wifi-iface 'cafe'
+\toption device 'radio0'
+\toption network 'lan'
+\toption mode 'ap'
+\toption ssid 'Cafe <i>free</i>'
+\toption encryption 'none'
+\toption owe_transition_ifname 'cafe_owe'
+
+config wifi-iface 'cafe_owe'
+\toption device 'radio0'
+\toption network 'lan'
+\toption mode 'ap'
+\toption ssid 'Cafe-OWE'
+\toption encryption 'owe'
+\toption hidden '1'
+
+config wifi-iface 'spare'
+\toption device 'radio0'
+\toption network 'lan'
+\toption ssid 'Spare'
+\toption encryption 'none'
+\toption disabled '1'
+
+config wifi-iface 'upstream'
+\toption device 'radio0'
+\toption network 'wwan'
+\toption mode 'sta'
+\toption ssid 'Uplink'
+\toption encryption 'psk2'
+"""
+WIRELESS_OWE = """config wifi-iface 'cafe_owe'
+\toption device 'radio0'
+\toption network 'lan'
+\toption ssid 'Cafe'
+\toption encryption 'owe'
+"""
+
+
+def test_settings_page_says_whether_the_gated_wifi_uses_owe(router, open_page):
+    """Issue 10 item 8, through rpcd's uci ACL (read `wireless`) in the real LuCI: open Wi-Fi on the
+    gated network is a warning that says how to enable OWE and what transition mode leaves open;
+    OWE only says so without a warning; no Wi-Fi on it says so; a read-only login sees it too."""
+    try:
+        router.root.write("/etc/config/wireless", WIRELESS_OPEN)
+        for login in (ADMIN, VIEWER):
+            page = open_page(router, login, "settings")
+            wifi = page.locator("#bitmesh-wifi")
+            expect(wifi).to_have_attribute("data-level", "open")
+            items = wifi.locator("li")
+            assert [items.nth(i).get_attribute("data-iface") for i in range(items.count())] == ["cafe", "cafe_owe"]
+            # an SSID is shown as text, never as markup
+            expect(items.nth(0)).to_contain_text('"Cafe <i>free</i>" (radio0): open (none): the link is not encrypted')
+            expect(items.nth(0)).to_contain_text("OWE transition mode with cafe_owe")
+            expect(items.nth(1)).to_contain_text("OWE (enhanced open): each client's link is encrypted with its "
+                                                 "own keys")
+            warning = wifi.locator(".alert-message.warning")
+            expect(warning).to_contain_text("Enable OWE")
+            expect(warning).to_contain_text("uci set wireless.cafe.encryption=owe; uci commit wireless; wifi reload")
+            expect(warning).to_contain_text("OWE transition mode")
+            assert not page.errors
+
+        router.root.write("/etc/config/wireless", WIRELESS_OWE)
+        page = open_page(router, ADMIN, "settings")
+        wifi = page.locator("#bitmesh-wifi")
+        expect(wifi).to_have_attribute("data-level", "owe")
+        expect(wifi.locator("li")).to_have_text("\"Cafe\" (radio0): OWE (enhanced open): each client's link is "
+                                                "encrypted with its own keys")
+        assert wifi.locator(".alert-message").count() == 0
+
+        router.root.write("/etc/config/wireless", "")  # a router without Wi-Fi on the gated network
+        page = open_page(router, ADMIN, "settings")
+        expect(page.locator("#bitmesh-wifi")).to_have_attribute("data-level", "none")
+        expect(page.locator("#bitmesh-wifi")).to_contain_text('No Wi-Fi access point of this router is on the gated '
+                                                              'network "lan"')
+        assert not page.errors
+    finally:
+        router.root.run(["rm", "-f", "/etc/config/wireless"], check=True)
+
+
 def _address(network: str, kind: str = "p2wpkh") -> str:
     script = {
         "p2wpkh": b"\x00\x14" + bytes(range(20)),

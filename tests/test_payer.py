@@ -56,7 +56,7 @@ def run_pay(portal_url: str, hotspot: Hotspot, tmp_path: Path, *extra: str, dura
     args = [sys.executable, "-m", "bitmesh.cli", "pay", "--portal", portal_url, "--deposit", str(deposit),
             "--refund-address", key_address(new_key()), "--fund-key", secret.hex(),
             "--coin", f"{coin.txid}:{coin.vout}:{coin.value}", "--refund-file", str(tmp_path / "refund.hex"),
-            "--duration", str(duration), "--interval", "0.2", *extra]
+            "--channel-file", str(tmp_path / "channel.json"), "--duration", str(duration), "--interval", "0.2", *extra]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 

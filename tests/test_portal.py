@@ -1,12 +1,20 @@
-"""The portal's captive-portal surface: session, RFC 8908 API, OS probes, redirects, ownership."""
+"""The portal's captive-portal surface: session, RFC 8908 API, OS probes, redirects, ownership
+(the caller is its socket's peer, never a header; a channel is acted on with its key's proof)."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from bitcoin.wallet import CKey
 
+from bitmesh.channel import wire
+from bitmesh.paycli import save_channel
 from bitmesh.portal.client import PortalClient, PortalError
 from tests.support.hotspot import Hotspot, confirmed_tx
 
@@ -21,9 +29,10 @@ PROBES = {
 }
 
 
-def _get(hotspot: Hotspot, path: str, host: str = "connectivitycheck.gstatic.com", source: str = "127.0.0.1"):
+def _get(hotspot: Hotspot, path: str, host: str = "connectivitycheck.gstatic.com", source: str = "127.0.0.1",
+         headers: dict | None = None):
     conn = http.client.HTTPConnection("127.0.0.1", hotspot.http.port, timeout=10, source_address=(source, 0))
-    conn.request("GET", path, headers={"Host": host})
+    conn.request("GET", path, headers={"Host": host, **(headers or {})})
     resp = conn.getresponse()
     body = resp.read().decode()
     conn.close()
@@ -62,30 +71,120 @@ def test_captive_api_rfc8908(hotspot: Hotspot):
     assert "bytes-remaining" not in captive and "seconds-remaining" not in captive
 
 
+PUBLIC = {"state", "bytes_remaining", "seconds_remaining"}
+
+
 def test_session_follows_the_callers_channel(hotspot: Hotspot):
-    assert hotspot.portal.session()["state"] == "unpaid"
+    """By address, the device's public state only; the channel's session with its key's proof."""
+    assert hotspot.portal.session() == {"state": "unpaid", "bytes_remaining": None, "seconds_remaining": None}
     payer = hotspot.funded_payer(40_000)
     assert hotspot.portal.session()["state"] == "unpaid"
     payer.pay_exact(2_000)
-    session = hotspot.portal.session()
+    public = hotspot.portal.session()
+    assert set(public) == PUBLIC and public["state"] == "open"  # no channel, money or usage by address
+    session = payer.session()
     assert session["state"] == "open" and session["channel_id"] == payer.channel_id
     # no meter (no gate): everything paid is owed
     assert (session["paid"], session["owed"], session["credit"], session["deposit"]) == (2_000, 2_000, 0, 40_000)
     assert session["prepay_step_sat"] == hotspot.policy.prepay_step_sat
+    assert session["concurrent_use"] is None  # no grants here, so nothing to copy
     payer.close()
     assert hotspot.portal.session()["state"] == "closed"
+    assert payer.session()["channel_state"] == "settling"
 
 
-def test_only_the_bound_client_may_close_its_channel(hotspot: Hotspot):
+def _post(hotspot: Hotspot, path: str, body: dict, source: str = "127.0.0.1", headers: dict | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", hotspot.http.port, timeout=10, source_address=(source, 0))
+    conn.request("POST", path, body=json.dumps(body).encode(),
+                 headers={"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    answer = json.loads(resp.read())
+    conn.close()
+    return resp.status, answer
+
+
+def test_closing_a_channel_takes_its_keys_proof_not_its_address(hotspot: Hotspot):
+    """From the channel's own address, no proof, another key's proof, a proof for another channel
+    or for reading the session: refused, nothing changes. Its key's close proof from anywhere: closed."""
     payer = hotspot.funded_payer(40_000)
     payer.pay_exact(2_000)
-    conn = http.client.HTTPConnection("127.0.0.1", hotspot.http.port, timeout=10, source_address=("127.0.0.2", 0))
-    conn.request("POST", f"/api/channels/{payer.channel_id}/close", body=b"{}",
-                 headers={"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 403 and json.loads(resp.read())["error"]["code"] == "not_your_channel"
+    other = hotspot.funded_payer(30_000)
+    path = f"/api/channels/{payer.channel_id}/close"
+    stranger = CKey(bytes(range(1, 33)), compressed=True)
+    refusals = [
+        ({}, "proof_missing"),
+        ({"proof": ""}, "proof_missing"),
+        ({"proof": "zz"}, "proof_invalid"),
+        ({"proof": 7}, "proof_invalid"),
+        ({"proof": "30" * 200}, "proof_invalid"),
+        ({"proof": wire.sign_proof(stranger, "close", payer.channel_id)}, "proof_invalid"),
+        ({"proof": other.proof("close")}, "proof_invalid"),  # another channel's (a real key, a real proof)
+        ({"proof": payer.proof("session")}, "proof_invalid"),  # reading is not closing
+    ]
+    for body, code in refusals:
+        status, answer = _post(hotspot, path, body)  # the channel's own address: it counts for nothing
+        assert (status, answer["error"]["code"]) == (403, code), body
     assert hotspot.portal.channel(payer.channel_id)["state"] == "open"
-    assert payer.close()["state"] == "settling"
+    # a header naming the channel's address changes nothing either
+    status, answer = _post(hotspot, path, {}, source="127.0.0.2", headers={"X-Forwarded-For": "127.0.0.1"})
+    assert (status, answer["error"]["code"]) == (403, "proof_missing")
+    assert hotspot.portal.channel(payer.channel_id)["state"] == "open"
+    # the proof is what counts: from another address (a payer whose DHCP lease changed) it closes
+    status, closed = _post(hotspot, path, {"proof": payer.proof("close")}, source="127.0.0.2")
+    assert status == 200 and closed["state"] == "settling" and closed["settlement_txid"]
+    assert hotspot.portal.channel(other.channel_id)["state"] == "open"
+
+
+def test_reading_a_session_takes_its_keys_proof(hotspot: Hotspot):
+    payer = hotspot.funded_payer(40_000)
+    payer.pay_exact(2_000)
+    cid = payer.channel_id
+    stranger = CKey(bytes(range(1, 33)), compressed=True)
+    for query, status, code in [
+        (f"channel_id={cid}", 403, "proof_missing"),
+        (f"channel_id={cid}&proof=", 403, "proof_missing"),
+        (f"channel_id={cid}&proof={wire.sign_proof(stranger, 'session', cid)}", 403, "proof_invalid"),
+        (f"channel_id={cid}&proof={payer.proof('close')}", 403, "proof_invalid"),  # a close proof reads nothing
+        (f"proof={payer.proof('session')}", 400, "field_missing"),
+        (f"channel_id={'00' * 16}&proof={payer.proof('session')}", 404, "channel_unknown"),
+    ]:
+        got, _, body = _get(hotspot, f"/api/session?{query}", source="127.0.0.2")
+        assert (got, json.loads(body)["error"]["code"]) == (status, code), query
+    # the right proof answers from any address
+    got, _, body = _get(hotspot, f"/api/session?channel_id={cid}&proof={payer.proof('session')}", source="127.0.0.2")
+    assert got == 200 and json.loads(body)["channel_id"] == cid and json.loads(body)["paid"] == 2_000
+
+
+def test_bitmesh_close_settles_a_channel_from_its_saved_key(hotspot: Hotspot, tmp_path: Path):
+    """`bitmesh pay --no-close` leaves the channel's key in its channel file (mode 0600);
+    `bitmesh close --channel-file` proves the channel with it and settles it."""
+    payer = hotspot.funded_payer(40_000)
+    payer.pay_exact(3_000)
+    path = tmp_path / "channel.json"
+    save_channel(path, payer.record())
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text())["client_secret"] == payer.client_secret.hex()
+    run = subprocess.run([sys.executable, "-m", "bitmesh.cli", "close", "--channel-file", str(path)],
+                         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    channel = hotspot.portal.channel(payer.channel_id)
+    assert channel["state"] == "settling" and channel["settlement_txid"] in run.stdout
+
+
+def test_a_forwarded_for_header_is_not_the_caller(hotspot: Hotspot):
+    """The caller is the socket's peer: another device (127.0.0.2) naming a paid client's address
+    in X-Forwarded-For (bottle's remote-address helper believed it) sees its own, captive state."""
+    payer = hotspot.funded_payer(40_000)
+    payer.pay_exact(2_000)
+    spoof = {"X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1", "Forwarded": "for=127.0.0.1"}
+    assert json.loads(_get(hotspot, "/api/session")[2])["state"] == "open"  # the paid client itself
+    status, _, body = _get(hotspot, "/api/session", source="127.0.0.2", headers=spoof)
+    assert status == 200 and json.loads(body) == {"state": "unpaid", "bytes_remaining": None,
+                                                  "seconds_remaining": None}
+    assert json.loads(_get(hotspot, "/api/captive", source="127.0.0.2", headers=spoof)[2])["captive"] is True
+    status, headers, _ = _get(hotspot, "/generate_204", source="127.0.0.2", headers=spoof)
+    assert status == 302  # captive: the probe goes to the portal
+    assert _get(hotspot, "/generate_204")[0] == 204
 
 
 def test_offer_carries_tariff_tip_metering_and_fee_policy(hotspot: Hotspot):
@@ -104,7 +203,7 @@ def test_without_a_meter_every_answer_states_owed_equal_paid_and_the_settlement_
     assert hotspot.portal.channel(payer.channel_id)["owed"] == 0  # nothing paid yet
     answer = payer.pay_exact(3_000)
     assert (answer["paid"], answer["owed"], answer["credit"]) == (3_000, 3_000, 0)
-    assert hotspot.portal.session()["owed"] == hotspot.portal.channel(payer.channel_id)["owed"] == 3_000
+    assert payer.session()["owed"] == hotspot.portal.channel(payer.channel_id)["owed"] == 3_000
     closed = payer.close()
     assert (closed["state"], closed["owed"]) == ("settling", 3_000)
     assert hotspot.portal.channel(payer.channel_id)["owed"] == 3_000

@@ -166,8 +166,8 @@ def test_shipped_config_parses_and_needs_a_payout_address_to_be_enabled(tmp_path
     # drops the ones set to '')
     stated = set(re.findall(r"^\s*#?\s*(?:option|list) (\w+)", SHIPPED.read_text(), re.M))
     assert stated == {f.name for f in dataclasses.fields(Settings)}
-    assert set(stated) - set(main.values) == {"walled_garden_host", "core_rpc_user", "core_rpc_password",
-                                                "payout_address"}
+    assert set(stated) - set(main.values) == {"walled_garden", "walled_garden_host", "core_rpc_user",
+                                                "core_rpc_password", "payout_address"}
     assert dataclasses.replace(s, payout_address="") == defaults
     assert s.enabled is False and s.mqtt_enabled is False and s.payout_address == ADDR
 

@@ -12,8 +12,11 @@ from pathlib import Path
 
 from bitcoin.core import CTransaction
 from bitcoin.core.script import SIGHASH_ALL
+from bitcoin.wallet import CKey
 
 from bitmesh.channel import contract as c
+from bitmesh.channel import wire
+from bitmesh.errors import RequestError
 from tests.js import make_vectors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +80,29 @@ def test_wallet_signatures_verify_with_the_python_reference():
     der, hashtype = c.split_signature(sig)
     assert hashtype == SIGHASH_ALL
     c.check_signature(contract.client_pubkey, c.contract_sighash(unsigned, contract, deposit, SIGHASH_ALL), der)
+
+
+def test_wallet_proofs_are_what_the_router_checks():
+    """The page's proofs (channel.js channelProof: how it reads its session and closes its channel)
+    are its client key's signatures of wire.proof_digest, accepted by wire.check_proof for their own
+    action only, and by no other key."""
+    run = _node("tests/js/sign_vectors.mjs")
+    assert run.returncode == 0, run.stderr
+    proofs = json.loads(run.stdout)["proofs"]
+    pubkey = bytes.fromhex(json.loads(VECTORS.read_text())["keys"]["client_pubkey"])
+    assert set(proofs) == set(wire.PROOF_ACTIONS)
+    for action, p in proofs.items():
+        assert bytes.fromhex(p["digest"]) == wire.proof_digest(action, p["channel_id"])
+        wire.check_proof(pubkey, action, p["channel_id"], p["proof"])  # accepted: no exception
+        other = next(a for a in wire.PROOF_ACTIONS if a != action)
+        for key, act, cid in ((pubkey, other, p["channel_id"]), (pubkey, action, "ff" * 16),
+                              (bytes(CKey(bytes(range(1, 33)), compressed=True).pub), action, p["channel_id"])):
+            try:
+                wire.check_proof(key, act, cid, p["proof"])
+            except RequestError as e:
+                assert (e.code, e.http_status) == ("proof_invalid", 403)
+            else:
+                raise AssertionError(f"{action} proof accepted for {act} {cid} {key.hex()}")
 
 
 def test_vendored_files_are_the_locked_npm_versions(tmp_path: Path):

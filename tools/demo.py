@@ -114,13 +114,13 @@ def run_story(topo: Topology, node: BcoinNode, faucet: Faucet, workdir: Path,
         say(f"   cut off after {_mb(delivered)} crossed the router (upload {up_c:,} + download {down_c:,}): "
             f"{quota - delivered} bytes short of the quota (one packet is {MTU})")
         check(quota - MTU < delivered <= quota, "the cut-off is not within one packet of the paid quota")
-        session = portal_call(client.ns, service.url, "session")
+        session = payer.session()  # the channel's, proven by its key
         say(f"   the router's meter: {session['bytes_used']:,} bytes used, owes {session['owed']} sat, "
             f"state {session['state']}")
         check(session["bytes_used"] == delivered, "the router's count differs from what was delivered")
 
         say("\n4. It closes the channel; the router settles, a block is mined")
-        closed = portal_call(client.ns, service.url, "close", payer.channel_id)
+        closed = payer.close()  # with its key's proof
         check(closed.get("state") == "settling" and closed.get("settlement_txid"), f"close failed: {closed}")
         node.mine(1, key_address(new_key()))
         owed = min(paid, math.ceil(delivered * PRICE_SAT_PER_MB / 1_000_000))

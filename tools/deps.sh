@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # build-essential .. openssl: OpenWrt's userland built from source (tools/owrt-userland.sh);
 # busybox: OpenWrt's /bin/sh (ash) for its init scripts under procd.
-APT_PACKAGES="nftables iproute2 mosquitto iperf3 chromium curl build-essential cmake pkg-config libjson-c-dev busybox openssl"
+APT_PACKAGES="nftables iproute2 mosquitto iperf3 chromium curl build-essential cmake pkg-config libjson-c-dev busybox openssl dnsmasq-base"
 VENV=${VENV:-.venv}
 VENV_LATEST=${VENV_LATEST:-.venv-latest}
 PYTHON=${PYTHON:-python3}

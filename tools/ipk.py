@@ -51,9 +51,9 @@ STATE_NAME_RE = re.compile(r"(seed|secret|private|\.key$|\.db$|\.sqlite|ledger\.
 # stdlib packages; tests/test_package_depends.py checks these lists against the code). Same
 # order and names as DEPENDS in the SDK Makefiles. python3-openssl: the default esplora_url is
 # https://, and urllib only imports ssl where it exists.
-BITMESH_DEPENDS = ["python3-light", "python3-email", "python3-logging", "python3-openssl", "python3-urllib",
-                   "python3-bitcoinlib", "python3-bottle", "python3-paho-mqtt", "python3-ubus", "python3-uci",
-                   "nftables-json"]
+BITMESH_DEPENDS = ["python3-light", "python3-ctypes", "python3-email", "python3-logging", "python3-openssl",
+                   "python3-urllib", "python3-bitcoinlib", "python3-bottle", "python3-paho-mqtt", "python3-ubus",
+                   "python3-uci", "nftables-json"]
 BITCOINLIB_DEPENDS = ["python3-light", "python3-ctypes", "python3-decimal", "python3-email", "python3-urllib",
                       "libopenssl3"]
 

@@ -112,11 +112,13 @@ class ChannelManager:
 
     # --- state changes ---------------------------------------------------------------------
 
-    def _commit(self, new: Channel, payment_only: bool = False) -> Channel:
+    def _commit(self, new: Channel, payment_only: bool = False,
+                deferred: list[tuple[Channel, Channel | None]] | None = None) -> Channel:
         """Persist, then publish. Call with the lock held. A channel is on disk from its funding
         on; an open lives in memory until then and, if it ends unfunded, leaves no record at all
         (its key index was reserved by open_channel). A StorageError (storage_full ...) changes
-        nothing: the change is refused and never acknowledged."""
+        nothing: the change is refused and never acknowledged. With `deferred`, the listeners are
+        left to the caller (`_publish` once the lock is released)."""
         new = new.evolve(updated_at=int(self.clock()))
         old = self._channels.get(new.id)
         if old is None and self.ledger.history.get(new.id) is not None:
@@ -133,12 +135,18 @@ class ChannelManager:
             self._channels[new.id] = new
         for gone in self.ledger.drain_evicted():  # archived or dropped by a compaction
             self._channels.pop(gone, None)
+        if deferred is not None:
+            deferred.append((new, old))
+        else:
+            self._publish(new, old)
+        return new
+
+    def _publish(self, new: Channel, old: Channel | None) -> None:
         for listener in self.listeners:
             try:
                 listener(new, old)
             except Exception:  # a listener must never undo a persisted payment
                 log.exception("channel listener failed")
-        return new
 
     def open_channel(self, req: OpenRequest, client_mac: str = "", client_ip: str = "") -> Channel:
         """New channel terms; the session is bound to the caller's MAC and IP (the portal
@@ -229,6 +237,13 @@ class ChannelManager:
             return self._commit(new)
 
     def pay(self, channel_id: str, payment: rules.Payment) -> Channel:
+        """Accept a payment: on disk (fsync) under the lock, then published (the kernel grant) once
+        the lock is released: a grant is an nft call, and under 200 devices' payments the lock
+        would be held through one after another while opens, fundings, closes and the chain watch
+        wait. Still before the answer: the grant follows the journal, the answer follows both. The
+        meter grants from the channel as it is when its turn comes, so a late grant never lowers
+        a newer one, nor re-grants a channel closed meanwhile."""
+        published: list[tuple[Channel, Channel | None]] = []
         with self._lock:
             channel = self.get(channel_id)
             view = self.chain_view()
@@ -241,7 +256,10 @@ class ChannelManager:
                                    "payments wait until it does", code="funding_not_found")
             new = rules.accept_payment(channel, self.policy, payment, view.tip_height, view.mtp)
             new = new.evolve(access_started_at=clock_origin(channel, int(self.clock())))  # time without credit is free
-            return self._commit(new, payment_only=True)
+            new = self._commit(new, payment_only=True, deferred=published)
+        for change in published:
+            self._publish(*change)
+        return new
 
     def note_usage(self, channel_id: str, bytes_used: int, seconds_used: int) -> Channel:
         """The meter's latest reading, kept in memory (it reaches the journal with the next

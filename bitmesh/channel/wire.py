@@ -7,6 +7,7 @@ with a stable code before any channel code runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from bitmesh.chain.address import address_to_script, get_network, script_to_addr
 from bitmesh.channel import contract as c
 from bitmesh.channel.server import ChannelPolicy, Payment
 from bitmesh.channel.state import Channel
-from bitmesh.errors import RequestError
+from bitmesh.errors import ChannelError, RequestError
 
 PROTOCOL_VERSION = 1
 MAX_BODY_BYTES = 64 * 1024  # a raw funding transaction is the largest message
@@ -129,6 +130,42 @@ def parse_payment(data: dict) -> Payment:
     sig = _hex(data, "signature", 74)
     assert tx is not None and sig is not None
     return Payment(amount=_amount(data, "amount"), tx=tx, signature=sig)
+
+
+# --- proofs: acting on a channel takes its client key (docs/protocol.md 5c) -----------------
+
+PROOF_ACTIONS = ("session", "close")
+
+
+def proof_digest(action: str, channel_id: str) -> bytes:
+    """What the client key signs to read a channel's session or close it: one fixed text per
+    action and channel (a single SHA256 of ASCII, so it can never be a transaction's digest)."""
+    if action not in PROOF_ACTIONS:
+        raise ValueError(f"no proof for {action!r}")
+    return hashlib.sha256(f"bitmesh proof 1 {action} {channel_id}".encode()).digest()
+
+
+def sign_proof(key, action: str, channel_id: str) -> str:
+    """The payer's proof (hex strict DER, low S: python-bitcoinlib normalises) for `action`."""
+    return key.sign(proof_digest(action, channel_id)).hex()
+
+
+def check_proof(client_pubkey: bytes, action: str, channel_id: str, proof: object) -> None:
+    """Refuses (403) a proof that is missing or not the channel's client key's signature of
+    `action` on `channel_id`; the caller's address never counts."""
+    if proof is None or proof == "":
+        raise RequestError(f"acting on a channel ({action}) needs its proof: the client key's signature",
+                           code="proof_missing", http_status=403)
+    if not isinstance(proof, str) or len(proof) > 2 * 72:
+        raise RequestError("proof must be a hex DER signature", code="proof_invalid", http_status=403)
+    try:
+        der = bytes.fromhex(proof)
+    except ValueError:
+        raise RequestError("proof must be a hex DER signature", code="proof_invalid", http_status=403) from None
+    try:
+        c.check_signature(client_pubkey, proof_digest(action, channel_id), der)
+    except ChannelError as e:
+        raise RequestError(f"proof refused: {e.message}", code="proof_invalid", http_status=403) from None
 
 
 # --- responses -----------------------------------------------------------------------------

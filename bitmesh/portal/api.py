@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 import zlib
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from bitmesh.channel.manager import ChannelManager
 from bitmesh.channel.state import Channel, Phase
 from bitmesh.errors import ChannelError, RequestError, answer
 from bitmesh.meter import Meter
+from bitmesh.portal.clones import start_clone_watch
+from bitmesh.portal.httpserver import FixedAnswer, TokenBuckets, is_loopback
 from bitmesh.portal.neighbors import NeighborTable
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -34,21 +37,79 @@ def _json(status: int, payload: dict) -> bottle.HTTPResponse:
     )
 
 
+# JSON nesting a request may have: the deepest real message is 2 levels; Python's parser
+# recurses per level and would end in a RecursionError (a 500) on a 64 KiB "[[[[...".
+MAX_JSON_DEPTH = 16
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects in `body` (strings skipped), without parsing it."""
+    depth = deepest = 0
+    for ch in _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS):
+        depth += 1 if ch in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def read_json_body() -> dict:
-    """The request's JSON object; an oversized body is refused before it is read."""
-    length = bottle.request.content_length
+    """The request's JSON object. The portal's server (httpserver) has framed and capped the
+    body already; this stays safe under any WSGI server: a malformed length is a 400, an
+    oversized or chunked body is refused before anything is read (bottle would spool it)."""
+    env = bottle.request.environ
+    if env.get("HTTP_TRANSFER_ENCODING"):
+        raise RequestError("send the body with a Content-Length", code="transfer_encoding_unsupported")
+    raw = (env.get("CONTENT_LENGTH") or "0").strip()
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise RequestError("Content-Length must be one decimal number", code="content_length_invalid")
+    length = int(raw)
     if length > wire.MAX_BODY_BYTES:
         raise RequestError(f"body larger than {wire.MAX_BODY_BYTES} bytes", code="body_too_large", http_status=413)
-    body = bottle.request.body.read(wire.MAX_BODY_BYTES + 1)
+    body = env["wsgi.input"].read(length) if length else b""
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise RequestError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep")
     return wire.parse_json(body)
+
+
+class RateLimited(RequestError):
+    """Too many requests of this kind from this device: retry after `retry_after` seconds."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str, code: str, retry_after: int):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        out["error"]["retry_after"] = self.retry_after
+        return out
+
+
+@dataclass(frozen=True)
+class OpenLimit:
+    """Channel opens per device (its MAC; its IP where the router sees no MAC): `burst` at
+    once, then one per `seconds`. Each open reserves a key index on flash and keeps an unfunded
+    channel in memory until its expiry, so an unpaid device must not make them without end."""
+
+    burst: int = 10
+    seconds: float = 30.0
+    exempt_loopback: bool = True  # the router itself (no LAN packet has a loopback source)
 
 
 def api_route(handler: Callable[..., dict]) -> Callable[..., bottle.HTTPResponse]:
     """Runs a handler; its dict becomes a 200 JSON answer, a BitMeshError a JSON error
-    (bitmesh.errors.answer, which the ubus object shares)."""
+    (bitmesh.errors.answer, which the ubus object shares); a rate limit says when to retry."""
 
     def wrapper(*args, **kwargs):
-        return _json(*answer(bottle.request.path, lambda: handler(*args, **kwargs)))
+        status, payload = answer(bottle.request.path, lambda: handler(*args, **kwargs))
+        response = _json(status, payload)
+        retry = payload.get("error", {}).get("retry_after") if status == 429 else None
+        if retry is not None:
+            response.set_header("Retry-After", str(retry))
+        return response
 
     wrapper.__name__ = handler.__name__
     return wrapper
@@ -64,8 +125,16 @@ class PortalInfo:
 
 
 def _caller_ip() -> str:
-    addr = bottle.request.remote_addr or ""
+    """The caller: the socket's peer as the server set it (WSGI REMOTE_ADDR), never a header (bottle's
+    own remote-address helper answers X-Forwarded-For's first entry: whatever the client wrote)."""
+    addr = bottle.request.environ.get("REMOTE_ADDR") or ""
     return addr[7:] if addr.startswith("::ffff:") else addr  # IPv4-mapped on a dual-stack socket
+
+
+def public_session(session_json: dict) -> dict:
+    """What anybody at a device's address may know of its session: whether it has access and for
+    how long (as RFC 8908 tells it); the channel, money and usage take the channel's proof."""
+    return {k: session_json[k] for k in ("state", "bytes_remaining", "seconds_remaining")}
 
 
 # A device's channel that holds, or is about to hold, its grant in the kernel (keyed by MAC).
@@ -73,8 +142,21 @@ DEVICE_PHASES = (Phase.FUNDING_UNCONFIRMED, Phase.OPEN)
 
 
 def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: str, meter: Meter,
-                        neighbors: NeighborTable, info: PortalInfo) -> None:
+                        neighbors: NeighborTable, info: PortalInfo, open_limit: OpenLimit = OpenLimit()) -> None:
     network = manager.policy.network
+    opens = TokenBuckets(1.0 / open_limit.seconds, open_limit.burst)
+    opens_lock = threading.Lock()
+
+    def count_open(mac: str, ip: str) -> None:
+        """One open more for this device, or 429 open_rate_limited (nothing created)."""
+        if not mac and open_limit.exempt_loopback and is_loopback(ip):
+            return
+        with opens_lock:
+            opens.prune()
+            wait = opens.take(mac or ip)
+        if wait:
+            raise RateLimited(f"too many channel opens from this device: {open_limit.burst} at once, then one "
+                              f"per {open_limit.seconds:g} s", code="open_rate_limited", retry_after=int(wait) + 1)
     # Checking a device's channels and adding one happen under its lock (striped by MAC, so a slow
     # chain backend during one device's open or funding never holds up another's).
     device_locks = [threading.Lock() for _ in range(64)]
@@ -100,7 +182,7 @@ def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: st
         for ch in manager.channels():
             if ch.client_mac == mac and ch.id != except_id and ch.phase in DEVICE_PHASES:
                 raise ChannelError(f"this device already has a live channel ({ch.phase.value}); close it first "
-                                   "(POST /api/channels/<id>/close; GET /api/session names it)",
+                                   "(POST /api/channels/<id>/close with its proof)",
                                    code="client_has_channel")
 
     def channel_json(channel: Channel) -> dict:
@@ -113,19 +195,22 @@ def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: st
         return wire.channel_json(channel, network, owed=owed)
 
     def caller_channel() -> Channel | None:
-        """The caller's newest channel: same IP, and same MAC where the router can see it."""
+        """The caller's device's newest channel: the socket's peer address and the MAC the kernel
+        has for it now, both the channel's (its public state only: the rest takes the proof)."""
         ip = _caller_ip()
         mac = neighbors.mac_of(ip)
-        mine = [ch for ch in manager.channels() if ch.client_ip == ip and (not mac or ch.client_mac == mac)]
+        mine = [ch for ch in manager.channels() if ch.client_ip == ip and ch.client_mac == mac]
         live = [ch for ch in mine if not ch.phase.final]
         return max(live or mine, key=lambda ch: ch.created_at, default=None)
 
-    def own_channel(channel_id: str) -> Channel:
-        """Closing cuts access: only the client the channel is bound to may do it."""
+    def proven_channel(channel_id: str, action: str, proof: object) -> Channel:
+        """The channel, once `proof` shows the caller holds its client key (wherever it calls from)."""
         channel = manager.get(channel_id)
-        if channel.client_ip and channel.client_ip != _caller_ip():
-            raise ChannelError("this channel belongs to another client", code="not_your_channel", http_status=403)
+        wire.check_proof(channel.client_pubkey, action, channel.id, proof)
         return channel
+
+    # Concurrent use of a paid grant (a MAC+IP copy), shown in the session: only where grants exist.
+    clone_watch = start_clone_watch(manager.channels, neighbors.device_of) if meter.metered else None
 
     @app.get("/api/offer")
     @api_route
@@ -148,6 +233,7 @@ def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: st
         mac = gated_mac(ip)
         with device_lock(mac) if mac else contextlib.nullcontext():
             one_channel_per_device(mac)
+            count_open(mac, ip)
             return channel_json(manager.open_channel(req, client_mac=mac, client_ip=ip))
 
     @app.get("/api/channels/<channel_id>")
@@ -178,13 +264,22 @@ def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: st
     @app.post("/api/channels/<channel_id>/close")
     @api_route
     def close(channel_id: str) -> dict:
-        own_channel(channel_id)
+        manager.get(channel_id)  # unknown channel: 404 before the body is looked at
+        proven_channel(channel_id, "close", read_json_body().get("proof"))
         return channel_json(manager.close(channel_id))
 
     @app.get("/api/session")
     @api_route
     def session() -> dict:
-        return meter.session(caller_channel()).to_json(manager.policy.prepay_step_sat)
+        query = bottle.request.query
+        if "channel_id" not in query and "proof" not in query:  # the caller's device: public state only
+            return public_session(meter.session(caller_channel()).to_json(manager.policy.prepay_step_sat))
+        if not query.get("channel_id"):
+            raise RequestError("a proof names its channel: give channel_id", code="field_missing")
+        channel = proven_channel(query.get("channel_id"), "session", query.get("proof"))
+        answer = meter.session(channel).to_json(manager.policy.prepay_step_sat)
+        answer["concurrent_use"] = clone_watch.verdict(channel) if clone_watch else None
+        return answer
 
     # --- captive portal detection (RFC 8908 and the OS probes) ---------------------------
 
@@ -235,11 +330,14 @@ def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: st
     # The splash page is what every captured device asks for first, often all at once: it
     # is answered from memory (it never changes while the service runs).
     splash_page = (STATIC_DIR / "index.html").read_bytes()
+    splash_headers = {"Content-Type": "text/html; charset=UTF-8", "Cache-Control": "no-store"}
+    # The portal's server sends it from its I/O thread, with no worker and no bottle on the way
+    # (httpserver.FixedAnswer); the route stays for any other WSGI server.
+    app.fixed_answers = {"/": FixedAnswer(200, tuple(splash_headers.items()), splash_page)}
 
     @app.get("/")
     def splash():
-        return bottle.HTTPResponse(splash_page, 200, {"Content-Type": "text/html; charset=UTF-8",
-                                                      "Cache-Control": "no-store"})
+        return bottle.HTTPResponse(splash_page, 200, splash_headers)
 
     @app.get("/static/<path:path>")
     def static(path: str):
@@ -255,20 +353,22 @@ def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: st
 
 
 def make_app(manager: ChannelManager, node_id: str, meter: Meter | None = None,
-             neighbors: NeighborTable | None = None, info: PortalInfo | None = None) -> bottle.Bottle:
+             neighbors: NeighborTable | None = None, info: PortalInfo | None = None,
+             open_limit: OpenLimit | None = None) -> bottle.Bottle:
     app = bottle.Bottle()
     app.config["catchall"] = False  # errors are answered by api_route, never as HTML
     install_channel_api(app, manager, node_id, meter or Meter(manager, gate=None), neighbors or NeighborTable(),
-                        info or PortalInfo())
+                        info or PortalInfo(), open_limit or OpenLimit())
 
-    @app.error(404)
-    def not_found(_err):
+    # bottle's own refusals (no route, wrong method, a path that is not UTF-8 ...) in JSON too
+    codes = {400: "request_malformed", 404: "not_found", 405: "method_not_allowed"}
+
+    def error_json(err: bottle.HTTPError) -> str:
         bottle.response.content_type = "application/json"
-        return json.dumps({"error": {"code": "not_found", "message": "no such endpoint"}})
+        bottle.response.set_header("Cache-Control", "no-store")
+        code = codes.get(err.status_code, f"http_{err.status_code}")
+        message = {404: "no such endpoint", 405: "method not allowed"}.get(err.status_code, str(err.body or code))
+        return json.dumps({"error": {"code": code, "message": message}})
 
-    @app.error(405)
-    def bad_method(_err):
-        bottle.response.content_type = "application/json"
-        return json.dumps({"error": {"code": "method_not_allowed", "message": "method not allowed"}})
-
+    app.default_error_handler = error_json
     return app

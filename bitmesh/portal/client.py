@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from bitmesh.errors import BitMeshError
@@ -70,9 +71,14 @@ class PortalClient:
     def pay(self, channel_id: str, message: dict) -> dict:
         return self._call("POST", f"/api/channels/{channel_id}/payments", message)
 
-    def session(self) -> dict:
-        """The caller's own session, as the router meters it."""
-        return self._call("GET", "/api/session")
+    def session(self, channel_id: str | None = None, proof: str | None = None) -> dict:
+        """A channel's session as the router meters it, proven by the client key's signature
+        (bitmesh.channel.wire.sign_proof); without them, the public state of the caller's device."""
+        if channel_id is None and proof is None:
+            return self._call("GET", "/api/session")
+        query = urllib.parse.urlencode({"channel_id": channel_id or "", "proof": proof or ""})
+        return self._call("GET", f"/api/session?{query}")
 
-    def close(self, channel_id: str) -> dict:
-        return self._call("POST", f"/api/channels/{channel_id}/close", {})
+    def close(self, channel_id: str, proof: str | None = None) -> dict:
+        """Settle the channel now; `proof`: the client key's signature (sign_proof(key, "close", id))."""
+        return self._call("POST", f"/api/channels/{channel_id}/close", {} if proof is None else {"proof": proof})

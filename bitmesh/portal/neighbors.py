@@ -2,42 +2,37 @@
 
 The portal binds a session to the caller's MAC and IP; the firewall then grants access to
 exactly that pair. IPv4 comes from /proc/net/arp (no process spawned); IPv6 from
-`ip -6 neigh`. Answers are cached briefly: a wallet polls its session every few seconds.
+`ip -6 neigh`. Every answer is the kernel's at the moment of the request, never a cached one: a
+device that takes a client's IP with its own MAC is that other MAC as soon as the kernel learns
+it (a cache here once kept it the client for 30 s, and with it the client's session).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import subprocess
-import threading
-import time
 from pathlib import Path
-
-_CACHE_SECONDS = 30.0
 
 
 class NeighborTable:
     def __init__(self, arp_path: Path = Path("/proc/net/arp")):
         self.arp_path = arp_path
-        self._cache: dict[str, tuple[float, str]] = {}
-        self._lock = threading.Lock()
 
     def mac_of(self, ip: str) -> str:
         """The MAC of a directly connected neighbour, or "" (not on the LAN, or not yet seen)."""
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(ip)
-            if hit and now - hit[0] < _CACHE_SECONDS:
-                return hit[1]
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return ""
-        mac = self._arp(str(addr)) if addr.version == 4 else self._ndp(str(addr))
-        if mac:
-            with self._lock:
-                self._cache[ip] = (now, mac)
-        return mac
+        return self._arp(str(addr)) if addr.version == 4 else self._ndp(str(addr))
+
+    def device_of(self, ip: str) -> str:
+        """The interface an IPv4 neighbour is on (its /proc/net/arp row), or ""."""
+        try:
+            lines = self.arp_path.read_text().splitlines()[1:]
+        except OSError:
+            return ""
+        return next((f[5] for f in map(str.split, lines) if len(f) >= 6 and f[0] == ip), "")
 
     def _arp(self, ip: str) -> str:
         try:

@@ -165,6 +165,30 @@ class Faucet:
             self._coins.append(Coin(txid, 1, change, self.script))
             return Coin(txid, 0, value, script), tx
 
+    def capacity(self, value: int, fee: int = DEFAULT_FEE) -> int:
+        """How many `pay(script, value)` calls the faucet can still answer (each coin pays whole
+        amounts until its change would be dust). A soak checks it before funding its clients."""
+        return sum(max(0, (c.value - 546) // (value + fee)) for c in self._coins)
+
+    def pay_many(self, outputs: list[tuple[bytes, int]], feerate_sat_vb: int = 2) -> list[Coin]:
+        """Pay every (script, value) of `outputs` in ONE transaction from one coin (hundreds of
+        clients funded by one broadcast: no long mempool chain, one block confirms them all).
+        Returns the new coins in order (unconfirmed); the change stays in the faucet."""
+        total = sum(value for _, value in outputs)
+        vsize = 11 + 68 + 31 * (len(outputs) + 1) + 2 * len(outputs)  # P2WPKH in/outs, generous
+        fee = max(DEFAULT_FEE, feerate_sat_vb * vsize)
+        with self._lock:
+            coin = self._pick(total + fee)
+            change = coin.value - total - fee
+            tx = sign_p2wpkh_spend(self.key, [coin], [*outputs, (self.script, change)])
+            txid = txid_of(tx)
+            self.node.rpc("sendrawtransaction", tx.serialize().hex())
+            if not self._held(txid):
+                self._coins.append(coin)
+                raise RuntimeError(f"faucet tx {txid} refused by the node: {self.node.reject_reason(txid)}")
+            self._coins.append(Coin(txid, len(outputs), change, self.script))
+            return [Coin(txid, i, value, bytes(script)) for i, (script, value) in enumerate(outputs)]
+
     def _pick(self, need: int) -> Coin:
         usable = [c for c in self._coins if c.value >= need + 546]
         if not usable:

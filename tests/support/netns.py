@@ -21,13 +21,16 @@ import ctypes
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 PYTHON = sys.executable or "python3"
 
@@ -230,6 +233,7 @@ class Topology:
         self._procs: list[subprocess.Popen] = []
         self._made: list[str] = []
         self._bridges: list[socket.socket] = []
+        self._files: list[Path] = []  # outside the namespaces: /etc/netns/<ns>, dnsmasq's folder
 
     @property
     def namespaces(self) -> list[str]:
@@ -314,6 +318,9 @@ class Topology:
             else:
                 print(f"netns: could not delete {ns}: {p.stderr.strip()}", file=sys.stderr)
         self._made.clear()
+        for path in reversed(self._files):
+            shutil.rmtree(path, ignore_errors=True)
+        self._files.clear()
 
     # -- building blocks ------------------------------------------------------------------
 
@@ -360,6 +367,56 @@ class Topology:
     def udp_echo(self, ns: str, ports: list[int]) -> subprocess.Popen:
         return self.spawn(ns, PYTHON, "-c", UDP_ECHO, ",".join(map(str, ports)))
 
+    def dnsmasq(self, upstream: list[str], rebind_ok: tuple[str, ...] = (), extra: tuple[str, ...] = (),
+                resolv_clients: bool = True) -> subprocess.Popen:
+        """The owner's resolver in the router namespace, as OpenWrt 24.10 runs dnsmasq for the LAN:
+        the options its init script renders from the default /etc/config/dhcp (bind-dynamic on
+        every interface, local-service, cache 1000, EDNS 1232, rebind protection, the lan domain,
+        DHCP on br-lan) and upstream servers from a resolv file, as the WAN's DHCP would leave them.
+        `rebind_ok` are domains allowed to answer with private addresses (`list rebind_domain`).
+        The router resolves through it (its resolv.conf: 127.0.0.1); with `resolv_clients`, so do
+        the clients (their resolv.conf: the router's LAN addresses, what DHCP hands out). Ready
+        when it answers on 127.0.0.1:53."""
+        d = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-dnsmasq-"))
+        self._files.append(d)
+        d.chmod(0o755)  # dnsmasq reads its files as the dnsmasq user, after dropping root
+        (d / "dnsmasq.d").mkdir()
+        (d / "hosts").mkdir()
+        (d / "resolv.conf.auto").write_text("".join(f"nameserver {a}\n" for a in upstream))
+        (d / "dhcp.leases").touch()
+        user = "dnsmasq" if _user_exists("dnsmasq") else "nobody"
+        argv = [
+            "dnsmasq", "--keep-in-foreground", "--pid-file=", "--log-facility=-",
+            # what /etc/init.d/dnsmasq makes of OpenWrt's default /etc/config/dhcp:
+            "--dhcp-authoritative", "--domain-needed", "--localise-queries", "--read-ethers",
+            "--expand-hosts", "--bind-dynamic", "--local-service", "--bogus-priv", "--cache-size=1000",
+            "--edns-packet-max=1232", "--domain=lan", "--local=/lan/", f"--addn-hosts={d / 'hosts'}",
+            f"--dhcp-leasefile={d / 'dhcp.leases'}", f"--resolv-file={d / 'resolv.conf.auto'}",
+            "--stop-dns-rebind", "--rebind-localhost-ok", *(f"--rebind-domain-ok=/{n}/" for n in rebind_ok),
+            "--dhcp-broadcast=tag:needs-broadcast", f"--conf-dir={d / 'dnsmasq.d'}", f"--user={user}",
+            "--dhcp-range=set:lan,10.77.1.100,10.77.1.249,255.255.255.0,12h", f"--no-dhcp-interface={self.WAN}",
+            *extra,
+        ]  # fmt: skip
+        self._resolv_conf(self.router.ns, ["127.0.0.1"])
+        if resolv_clients:
+            for c in self.clients:
+                self._resolv_conf(c.ns, [self.router.ipv4, self.router.ipv6])
+        p = self.spawn(self.router.ns, *argv, ready=None)
+        deadline = time.monotonic() + 10
+        while not _dns_answers(self.router.ns, ("127.0.0.1", 53)):
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dnsmasq did not start: {p.stderr.read()[:2000] if p.poll() is not None else ''}")
+            time.sleep(0.05)
+        return p
+
+    def _resolv_conf(self, ns: str, servers: list[str]) -> None:
+        """/etc/resolv.conf as programs in `ns` see it (`ip netns exec` mounts /etc/netns/<ns>/*)."""
+        d = Path("/etc/netns") / ns
+        d.mkdir(parents=True, exist_ok=True)
+        if d not in self._files:
+            self._files.append(d)
+        (d / "resolv.conf").write_text("".join(f"nameserver {a}\n" for a in servers) + "options timeout:1\n")
+
     def call(self, ns: str, fn: str, *args, **kwargs):
         """Run CLIENT_LIB's `fn(*args, **kwargs)` inside `ns` and return its JSON result."""
         p = run_in(ns, PYTHON, "-c", CLIENT_LIB, fn, json.dumps(args), json.dumps(kwargs), timeout=120)
@@ -387,6 +444,46 @@ class Topology:
 
     def reset_counters(self, ns: str) -> None:
         run_in(ns, "nft", "reset", "counters", "table", "inet", "probe")
+
+    # -- many clients in one namespace ----------------------------------------------------------
+
+    def macvlan_clients(self, parent: Host, n: int, first: int = 50) -> list[Host]:
+        """`n` more LAN devices inside `parent`'s namespace: macvlan interfaces (bridge mode) on
+        its link `mv0`.. `mv{n-1}`, each with its own MAC 02:77:01:00:00:XX, IPv4 10.77.1.XX and
+        IPv6 fd77:1::1:XX (XX = first + i, so first + n <= 255). To the router they are n
+        separate devices on br-lan (ARP, NDP, MAC . IP in the gate); inside the namespace a socket
+        bound to a device's address leaves through that device: one routing table per device
+        selected by source address (`ip rule from ADDR`), and ARP answered only by the device
+        that holds the address (arp_ignore=1, arp_announce=2; without them every macvlan would
+        answer for every address and the router would learn random MACs)."""
+        if first + n > 255:
+            raise ValueError("10.77.1.0/24 holds devices up to .254: first + n must be at most 255")
+        for key, value in (("arp_ignore", 1), ("arp_announce", 2), ("rp_filter", 0)):
+            for scope in ("all", "default"):
+                self.sysctl(parent.ns, f"net.ipv4.conf.{scope}.{key}", value)
+        hosts, v4, v6 = [], [], []
+        for i in range(n):
+            x = first + i
+            h = Host(parent.ns, f"mv{i}", f"10.77.1.{x}", f"fd77:1::1:{x:x}", f"02:77:01:00:00:{x:02x}")
+            table = 1000 + x
+            v4 += [f"link add {h.ifname} link {parent.ifname} address {h.mac} type macvlan mode bridge",
+                   f"addr add {h.ipv4}/24 dev {h.ifname} noprefixroute",
+                   f"link set {h.ifname} up",
+                   f"rule add from {h.ipv4} lookup {table} pref {table}",
+                   f"route add 10.77.1.0/24 dev {h.ifname} table {table}",
+                   f"route add default via {self.router.ipv4} dev {h.ifname} table {table}"]
+            v6 += [f"addr add {h.ipv6}/64 dev {h.ifname} nodad noprefixroute",
+                   f"rule add from {h.ipv6} lookup {table} pref {table}",
+                   f"route add fd77:1::/64 dev {h.ifname} table {table}",
+                   f"route add default via {self.router.ipv6} dev {h.ifname} table {table}"]
+            hosts.append(h)
+        # One `ip -batch` per family (a batch line takes no -6): milliseconds for hundreds of devices.
+        for family, lines in (("-4", v4), ("-6", v6)):
+            p = subprocess.run(["ip", family, "-n", parent.ns, "-batch", "-"], input="\n".join(lines) + "\n",
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(f"macvlan clients in {parent.ns}: {p.stderr.strip()[:2000]}")
+        return hosts
 
     # -- other devices ----------------------------------------------------------------------
 
@@ -477,6 +574,30 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def _dns_answers(ns: str, server: tuple[str, int], timeout: float = 0.2) -> bool:
+    """Whether a DNS server in `ns` answers a query (for a name under .lan, answered locally)."""
+    query = bytes.fromhex("abcd01000001000000000000") + b"\x05probe\x03lan\x00" + b"\x00\x01\x00\x01"
+    with in_netns(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with s:
+        s.settimeout(timeout)
+        try:
+            s.sendto(query, server)
+            return s.recv(512)[:2] == b"\xab\xcd"
+        except OSError:
+            return False
 
 
 def _ip(*args: str) -> None:

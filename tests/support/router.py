@@ -24,10 +24,11 @@ from bitcoin.core import CTransaction
 from bitcoin.wallet import CKey
 
 from bitmesh.chain.address import address_to_script, p2wpkh_script
+from bitmesh.channel.wire import sign_proof
 from tests.support.bcoin import BcoinNode
 from tests.support.coins import NETWORK, Faucet, key_address, new_key
 from tests.support.consensus import verify_on_node
-from tests.support.netns import Host, Topology
+from tests.support.netns import Host, Topology, run_in
 from tests.support.owrt import OwrtRoot
 
 REPO = Path(__file__).resolve().parents[2]
@@ -232,11 +233,14 @@ class Payer:
         key, coin = funding_key(faucet, deposit + 3_000)
         workdir.mkdir(parents=True, exist_ok=True)
         self.stderr = workdir / "payer.err"
+        self.client, self.url = client, service.url
+        self.channel_file = workdir / "channel.json"  # the channel's key: what proves it to the router
         with self.stderr.open("ab") as err:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", client.ns, sys.executable, "-m", "bitmesh.cli", "pay",
                  "--portal", service.url, "--deposit", str(deposit), "--refund-address", self.refund_address,
                  "--fund-key", key, "--coin", coin, "--refund-file", str(workdir / "refund.hex"),
+                 "--channel-file", str(self.channel_file),
                  "--duration", str(duration), "--interval", str(interval)],
                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
             )  # fmt: skip
@@ -273,6 +277,21 @@ class Payer:
     @property
     def channel_id(self) -> str:
         return self.wait_for(r"^channel ([0-9a-f]{32}):").group(1)
+
+    def proof(self, action: str) -> str:
+        """The channel's proof for `action` ("session", "close"), made with the key it saved."""
+        self.wait_for(r"^the channel's key .* saved to ")
+        record = json.loads(self.channel_file.read_text())
+        return sign_proof(CKey(bytes.fromhex(record["client_secret"]), compressed=True), action,
+                          record["channel_id"])
+
+    def session(self) -> dict:
+        """The channel's session (private: read with its proof) from the payer's namespace."""
+        return portal_call(self.client.ns, self.url, "session", self.channel_id, self.proof("session"))
+
+    def close(self) -> dict:
+        """Close the channel with its proof, from the payer's namespace (as `bitmesh close` does)."""
+        return portal_call(self.client.ns, self.url, "close", self.channel_id, self.proof("close"))
 
     def payments(self) -> list[int]:
         return [int(m.group(1)) for _, line in self.lines if (m := re.match(r"paid (\d+) sat", line))]
@@ -350,3 +369,16 @@ def expected_split(deposit: int, paid: int, owed: int, fee: int, dust: int = 546
     unused = paid - owed
     dropped = unused if unused < dust else 0
     return deposit - paid, owed - (fee - dropped), unused - dropped
+
+
+@contextlib.contextmanager
+def router_services(topo: Topology) -> Iterator[list[RouterService]]:
+    """The services a test starts (it appends them): stopped at the end, and the router's neighbour
+    table flushed so that the next test's devices are learned afresh."""
+    started: list[RouterService] = []
+    try:
+        yield started
+    finally:
+        for service in started:
+            service.stop()
+        run_in(topo.router.ns, "ip", "neigh", "flush", "dev", topo.LAN)

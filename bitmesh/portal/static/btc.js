@@ -370,10 +370,14 @@ export function isValidPublicKey(pubkey) {
   }
 }
 
+/** DER (RFC6979, low S) over a 32-byte digest, with no sighash byte (a channel proof). */
+export function signDer(secret, digest) {
+  return derEncode(secp.sign(digest, secret, { prehash: false, lowS: true }));
+}
+
 /** DER (RFC6979, low S) || sighash byte, over a 32-byte digest. */
 export function signDigest(secret, digest, hashtype) {
-  const compact = secp.sign(digest, secret, { prehash: false, lowS: true });
-  return concat(derEncode(compact), Uint8Array.of(hashtype));
+  return concat(signDer(secret, digest), Uint8Array.of(hashtype));
 }
 
 /** True when `der` (without the sighash byte) is a valid low-S signature of `digest`. */

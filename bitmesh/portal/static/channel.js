@@ -3,7 +3,7 @@
 import {
   SIGHASH_ALL, SIGHASH_ANYONECANPAY, SIGHASH_NONE, SIGHASH_SINGLE, addressToScript, bip143Digest, bytesToHex,
   concat, equalBytes, hexToBytes, isValidPublicKey, p2wshScript, parseTx, pushData, pushNumber, scriptToAddress,
-  serializeTx, signDigest, txid,
+  serializeTx, sha256, signDer, signDigest, txid,
 } from './btc.js';
 
 export const DUST_LIMIT_SAT = 546;
@@ -275,3 +275,16 @@ export function signedRefund(secret, contract, funding, feerate = REFUND_FEERATE
   tx.inputs[0].witness = [sig, new Uint8Array(0), script]; // empty push selects ELSE (MINIMALIF)
   return { tx, hex: bytesToHex(serializeTx(tx, true)), txid: txid(tx), fee };
 }
+
+// --- proofs: what lets this page, and nobody else, read its session and close its channel --------
+
+export const PROOF_ACTIONS = ['session', 'close'];
+
+/** wire.proof_digest: SHA256 of the ASCII text "bitmesh proof 1 <action> <channel id>". */
+export function proofDigest(action, channelId) {
+  if (!PROOF_ACTIONS.includes(action)) throw new WalletError('proof_action', `No proof for ${action}.`);
+  return sha256(new TextEncoder().encode(`bitmesh proof 1 ${action} ${channelId}`));
+}
+
+/** The channel's proof for `action`: its client key's signature (hex DER, low S, no sighash byte). */
+export const channelProof = (secret, action, channelId) => bytesToHex(signDer(secret, proofDigest(action, channelId)));

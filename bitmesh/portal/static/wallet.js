@@ -5,7 +5,7 @@ import {
   bytesToHex, hexToBytes, isValidSecret, p2wpkhScript, publicKey, randomSecret, scriptToAddress, toWif,
 } from './btc.js';
 import {
-  DEFAULT_EXPLORERS, WalletError, checkMeter, checkTerms, chooseTip, findFunding, offerTerms, paymentDue,
+  DEFAULT_EXPLORERS, WalletError, channelProof, checkMeter, checkTerms, chooseTip, findFunding, offerTerms, paymentDue,
   paymentMessage, refundScriptOf, signedRefund, unmeteredOwed,
 } from './channel.js';
 import { encodeQR } from './vendor/qr/index.js';
@@ -54,7 +54,8 @@ const FRIENDLY = {
   funding_not_found: "The router's node does not know the funding transaction yet.",
   funding_double_spent: "The coins of this funding transaction were already spent elsewhere.",
   channel_expiring: "The channel is about to expire and takes no more payments. Close it and open a new one.",
-  not_your_channel: "This channel belongs to another device.",
+  proof_invalid: "The router does not recognise this page's key for the channel.",
+  proof_missing: "The router asks for this channel's key, which this page does not have.",
 };
 
 class ApiError extends Error {
@@ -91,6 +92,18 @@ async function api(method, path, body) {
   }
   return data;
 }
+
+/** The channel's proof for `action`: its key's signature, which only this page can make; the
+ * router answers the session and closes the channel on it, whatever address we come from. */
+let proofs = {};
+
+function proof(action) {
+  const key = `${S.channelId} ${action}`;
+  if (!proofs[key]) proofs = { ...proofs, [key]: channelProof(hexToBytes(S.channelSecret), action, S.channelId) };
+  return proofs[key];
+}
+
+const sessionPath = () => `/api/session?channel_id=${encodeURIComponent(S.channelId)}&proof=${proof('session')}`;
 
 // --- display helpers ---------------------------------------------------------------------------
 
@@ -414,6 +427,22 @@ function renderSession(s) {
   }
   setText('settlement', note);
   $('settlement').hidden = !note;
+  renderConcurrentUse(s && s.concurrent_use);
+}
+
+/** The router saw two devices answer for this one's MAC and IP: a copy may be spending the credit. */
+function renderConcurrentUse(use) {
+  const box = $('concurrent');
+  if (!use || !use.detected) {
+    if (use) box.hidden = true;
+    return;
+  }
+  const when = use.last_seen ? new Date(use.last_seen * 1000).toLocaleTimeString() : '';
+  box.textContent = `Another device is using this connection: ${use.most_answers} devices answered the router ` +
+    `for this device's addresses (${use.times} times, last at ${when}). Someone nearby may have copied them ` +
+    'and be spending your credit. Close the channel to stop paying. An encrypted network (WPA3 "OWE", ' +
+    'enhanced open) keeps others from copying your connection.';
+  box.hidden = false;
 }
 
 async function tick() {
@@ -422,7 +451,7 @@ async function tick() {
   try {
     let s = null;
     try {
-      s = await api('GET', '/api/session');
+      s = await api('GET', sessionPath());
     } catch {
       s = null;
     }
@@ -449,7 +478,7 @@ async function tick() {
       const amount = owed == null ? null : paymentDue(S.contract.deposit, S.paid, owed, S.prepayStep);
       if (amount) {
         await pay(amount);
-        s = await api('GET', '/api/session').catch(() => ({ ...s, paid: S.paid, credit: S.paid - s.owed }));
+        s = await api('GET', sessionPath()).catch(() => ({ ...s, paid: S.paid, credit: S.paid - s.owed }));
       }
     }
     if (S.paid >= S.contract.deposit && !payingStopped) {
@@ -514,7 +543,7 @@ async function closeChannel() {
   showError(null);
   $('close-btn').disabled = true;
   try {
-    const ch = await api('POST', `/api/channels/${S.channelId}/close`, {});
+    const ch = await api('POST', `/api/channels/${S.channelId}/close`, { proof: proof('close') });
     Object.assign(S, { state: ch.state, paid: Math.max(S.paid, ch.paid), settlementTxid: ch.settlement_txid, closed: true });
     save();
     archive({ id: S.channelId, settlementTxid: ch.settlement_txid });

@@ -1,6 +1,7 @@
 'use strict';
 'require view';
 'require form';
+'require uci';
 'require tools.widgets as widgets';
 
 // Settings: a form over /etc/config/bitmesh, section `config bitmesh 'main'`. Save & Apply
@@ -87,6 +88,12 @@ function isHost(value) {
 	return HOST.test(value) || isIPv6(value);
 }
 
+// host:port, an IPv6 address in brackets (config.py: _split_host_port)
+function isHostPort(value) {
+	var hp = /^\[([0-9A-Fa-f:.]+)\]:([0-9]+)$/.exec(value) || /^([^:\[\]]+):([0-9]+)$/.exec(value);
+	return !!(hp && isHost(hp[1]) && +hp[2] >= 1 && +hp[2] <= 65535);
+}
+
 // What another option of this form holds right now (as typed, before saving); its default
 // when left empty.
 function current(option, section_id, name) {
@@ -169,8 +176,87 @@ function httpUrl(section_id, value) {
 	return true;
 }
 
+// --- Wi-Fi encryption of the gated network (docs/security.md: MAC+IP cloning) -----------------
+// On open Wi-Fi a device can copy a paying client's MAC and IP and spend its credit: the router
+// cannot tell their frames apart. OWE (WPA3 "enhanced open", `encryption owe`) gives every client
+// its own keys with no password, so frames another device injects under a client's MAC fail.
+
+// How to turn OWE on for the access points `names` (wifi-iface sections).
+function oweHowto(names) {
+	return _('Network > Wireless > Edit > Wireless Security > Encryption: OWE, or: %s; uci commit wireless; wifi reload. LuCI offers OWE when the installed wpad supports it.').format(
+		names.map(function(n) { return 'uci set wireless.' + n + '.encryption=owe'; }).join('; '));
+}
+
+
+// What `option encryption` of a wifi-iface means for a client's link: [level, text]; level
+// 'owe' (per-client keys, no password), 'key' (encrypted with a password or a login), 'open'.
+function wifiProtection(encryption) {
+	var e = String(encryption || 'none').toLowerCase().split('+')[0];
+
+	if (e == 'owe')
+		return [ 'owe', _('OWE (enhanced open): each client\'s link is encrypted with its own keys') ];
+	if (/^sae/.test(e))
+		return [ 'key', _('WPA3-SAE with a password (%s): each client has its own keys; only people who know the password can join').format(e) ];
+	if (/^psk/.test(e))
+		return [ 'key', _('WPA/WPA2 with a password (%s): anybody who knows the password can decrypt and copy other clients; OWE suits a public hotspot better').format(e) ];
+	if (/^wpa/.test(e))
+		return [ 'key', _('WPA Enterprise (%s): each login has its own keys').format(e) ];
+	if (/^wep/.test(e))
+		return [ 'open', _('WEP (%s): broken, as good as open').format(e) ];
+	return [ 'open', _('open (%s): the link is not encrypted; another device can copy a paying client\'s MAC and IP address and spend its credit').format(e) ];
+}
+
+// The access points of the router's Wi-Fi (UCI `wireless`, wifi-iface sections) on `network`,
+// each with what its encryption means; disabled ones and other modes are left out.
+function gatedWifi(sections, network) {
+	return sections.filter(function(s) {
+		var nets = Array.isArray(s.network) ? s.network : String(s.network || '').split(/\s+/);
+		return nets.indexOf(network) >= 0 && s.disabled != '1' && (s.mode || 'ap') == 'ap';
+	}).map(function(s) {
+		var p = wifiProtection(s.encryption);
+		return { name: s['.name'], ssid: s.ssid || '', device: s.device || '', encryption: s.encryption || 'none',
+			level: p[0], text: p[1], transition: s.owe_transition_ifname || s.owe_transition_ssid || '' };
+	});
+}
+
+// The notice at the top of the page: one line per access point of the gated network.
+function wifiNotice(sections, network) {
+	var aps = gatedWifi(sections, network), open, items;
+
+	if (!aps.length)
+		return E('div', { 'class': 'cbi-section', 'id': 'bitmesh-wifi', 'data-level': 'none' }, [
+			E('h3', _('Wi-Fi encryption of the gated network')),
+			E('p', [ _('No Wi-Fi access point of this router is on the gated network "%s". If its clients use Wi-Fi from another access point, enable OWE there: on open Wi-Fi another device can copy a paying client\'s MAC and IP address and spend its credit.').format(network) ])
+		]);
+
+	open = aps.filter(function(a) { return a.level == 'open'; });
+	items = aps.map(function(a) {
+		var text = a.text;
+		if (a.level == 'open' && a.transition)
+			text += ' ' + _('(OWE transition mode with %s: devices that support OWE join the encrypted one; older ones stay on this open one, unprotected)').format(a.transition);
+		// strings in an array are text to LuCI's E() (a lone string would be HTML: an SSID is input)
+		return E('li', { 'data-iface': a.name, 'data-level': a.level },
+			[ '%s%s: %s'.format(a.ssid ? '"' + a.ssid + '"' : a.name, a.device ? ' (' + a.device + ')' : '', text) ]);
+	});
+
+	return E('div', { 'class': 'cbi-section', 'id': 'bitmesh-wifi',
+		'data-level': open.length ? 'open' : aps.every(function(a) { return a.level == 'owe'; }) ? 'owe' : 'key' }, [
+		E('h3', _('Wi-Fi encryption of the gated network')),
+		E('ul', items),
+		open.length ? E('div', { 'class': 'alert-message warning' }, [
+			E('p', [ _('Open Wi-Fi: a device nearby can copy a paying client\'s MAC and IP address and spend its credit; the client\'s session page shows such concurrent use, but only encryption stops it. Enable OWE (WPA3 enhanced open: no password, each client\'s link encrypted with its own keys): %s Devices without OWE cannot join an OWE-only network; OWE transition mode (an open and an OWE interface that name each other in owe_transition_ifname) keeps them on the open one, unprotected.').format(
+				oweHowto(open.map(function(a) { return a.name; }))) ])
+		]) : ''
+	]);
+}
+
 return view.extend({
-	render: function() {
+	// The router's Wi-Fi, to say whether the gated network's is encrypted (rpcd ACL: uci read wireless).
+	load: function() {
+		return Promise.all([ uci.load('bitmesh'), uci.load('wireless') ]).catch(function() { return null; });
+	},
+
+	render: function(loaded) {
 		var m, s, o;
 
 		m = new form.Map('bitmesh', _('BitMesh'),
@@ -343,8 +429,16 @@ return view.extend({
 		o.rows = 3;
 		o.validate = text(2000, true);
 
-		o = s.taboption('portal', form.DynamicList, 'walled_garden_host', _('Walled garden'),
-			_('Hosts unpaid clients may reach (rate-limited), e.g. a block explorer for their wallet.'));
+		o = s.taboption('portal', form.DynamicList, 'walled_garden', _('Walled garden'),
+			_('host:port pairs unpaid clients may reach, TCP and UDP, e.g. mempool.space:443 for the block explorer of their wallet; nothing else of those hosts. Limited per device. An IPv6 address goes in brackets: [2001:db8::1]:443.'));
+		o.placeholder = 'mempool.space:443';
+		o.validate = function(section_id, value) {
+			return (value == null || value === '' || isHostPort(value)) ? true
+				: _('Enter host:port, e.g. mempool.space:443 or [2001:db8::1]:443');
+		};
+
+		o = s.taboption('portal', form.DynamicList, 'walled_garden_host', _('Walled garden hosts (HTTPS)'),
+			_('The older form: a host here is the same as host:443 above.'));
 		o.placeholder = 'mempool.space';
 		o.validate = function(section_id, value) {
 			return (value == null || value === '' || isHost(value)) ? true
@@ -378,6 +472,12 @@ return view.extend({
 				: _('A topic without #, + or empty levels');
 		};
 
-		return m.render();
+		return m.render().then(function(node) {
+			var wifi = loaded ? wifiNotice(uci.sections('wireless', 'wifi-iface'), uci.get('bitmesh', 'main', 'interface') || 'lan')
+				: E('div', { 'class': 'cbi-section', 'id': 'bitmesh-wifi', 'data-level': 'unknown' }, E('p', _('The Wi-Fi configuration could not be read.')));
+			var descr = node.querySelector('.cbi-map-descr');  // under the page's title and text
+			node.insertBefore(wifi, descr && descr.parentNode === node ? descr.nextSibling : node.firstChild);
+			return node;
+		});
 	}
 });
