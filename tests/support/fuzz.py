@@ -94,6 +94,7 @@ class Answer:
     status: int | None  # None: the server closed without answering (a request cut short)
     headers: dict[str, str]
     body: bytes
+    after: bytes = b""  # what followed the answer on the wire (answers to pipelined requests)
 
 
 def exchange(host: str, port: int, data: bytes, source: str | None = None, timeout: float = 15.0) -> Answer:
@@ -122,11 +123,12 @@ def exchange(host: str, port: int, data: bytes, source: str | None = None, timeo
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     length = headers.get("content-length", "")
+    after = b""
     if length.isdigit():
         # A mutation can make one request two (a bare LF ends the head: RFC 9112 2.2): the
         # answer to the first is judged; the second answer follows its body on the wire.
-        body = body[: int(length)]
-    return Answer(int(lines[0].split(" ")[1]), headers, body)
+        body, after = body[: int(length)], body[int(length):]
+    return Answer(int(lines[0].split(" ")[1]), headers, body, after)
 
 
 @dataclass
