@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import json
 import socket
@@ -13,21 +12,9 @@ import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from bitcoin.core import (
-    CBlock,
-    CMutableTransaction,
-    COutPoint,
-    CScript,
-    CScriptWitness,
-    CTransaction,
-    CTxIn,
-    CTxInWitness,
-    CTxOut,
-    CTxWitness,
-    b2lx,
-    lx,
-)
-from bitcoin.core.script import OP_RETURN
+from bitcoin.core import CTransaction
+
+from tests.support.blocks import mine_block_with
 
 
 class StallingProxy:
@@ -332,41 +319,5 @@ def mine_above(node, min_sat_vb: float) -> list[str]:
         if rate >= min_sat_vb:
             chosen += [t for t in chain if t not in chosen]
     txs = [CTransaction.deserialize(bytes.fromhex(node.rpc("getrawtransaction", t, 1)["hex"])) for t in chosen]
-    mine_block_with_witnesses(node, txs)
+    mine_block_with(node, txs)
     return chosen
-
-
-def mine_block_with_witnesses(node, txs: list[CTransaction]) -> str:
-    """One block on the tip holding exactly `txs` (parents before children), with the BIP141
-    witness commitment segwit transactions need. Returns its hash."""
-    tip_hash = node.rpc("getbestblockhash")
-    tip = node.rpc("getblockheader", tip_hash, True)
-    height = tip["height"] + 1
-    nonce = b"\x00" * 32
-    coinbase = CMutableTransaction(
-        [CTxIn(COutPoint(), CScript([height, b"bitmesh-fault"]), 0xFFFFFFFF)],
-        [CTxOut(0, CScript([OP_RETURN]))],
-    )
-    coinbase.wit = CTxWitness([CTxInWitness(CScriptWitness([nonce]))])
-    block = CBlock(nVersion=0x20000000, hashPrevBlock=lx(tip_hash), nTime=max(tip["time"], tip["mediantime"]) + 1,
-                   nBits=int(tip["bits"], 16) if isinstance(tip["bits"], str) else int(tip["bits"]),
-                   vtx=[CTransaction.from_tx(coinbase), *txs])
-    commitment = hashlib.sha256(hashlib.sha256(block.calc_witness_merkle_root() + nonce).digest()).digest()
-    coinbase.vout.append(CTxOut(0, CScript([OP_RETURN, b"\xaa\x21\xa9\xed" + commitment])))
-    vtx = [CTransaction.from_tx(coinbase), *txs]
-    block = CBlock(block.nVersion, block.hashPrevBlock, nTime=block.nTime, nBits=block.nBits, vtx=vtx)
-    merkle = block.hashMerkleRoot
-    exponent, mantissa = block.nBits >> 24, block.nBits & 0xFFFFFF
-    target = mantissa << (8 * (exponent - 3))
-    for n in range(1 << 20):
-        candidate = CBlock(block.nVersion, block.hashPrevBlock, merkle, block.nTime, block.nBits, n, vtx)
-        if int.from_bytes(candidate.GetHash(), "little") <= target:
-            break
-    else:
-        raise RuntimeError("no nonce found")
-    result = node.rpc("submitblock", candidate.serialize().hex())
-    if result not in (None, "", "inconclusive"):
-        raise RuntimeError(f"submitblock refused the block: {result}")
-    if node.rpc("getbestblockhash") != b2lx(candidate.GetHash()):
-        raise RuntimeError("the block did not become the tip")
-    return b2lx(candidate.GetHash())
