@@ -1,6 +1,7 @@
 """The BitMesh service: wires config, ledger, keys, chain, channels, firewall and portal.
 
-One process, a few threads: the HTTP servers' per-connection threads and one timer thread
+One process, a few threads: the portal's I/O thread and its worker pool (one for all listening
+addresses), the nft monitor, the captive DNS supervisor, the clone watch, and one timer thread
 that meters every `meter_interval` seconds and follows the chain every `watch_interval`
 (never a busy loop). SIGHUP reloads the config (new prices apply to new channels; paid
 clients stay online); the options in RESTART_OPTIONS only take effect at the next start, and a
@@ -313,6 +314,6 @@ def build_service(settings: Settings, listen: list[tuple[str, int]] | None = Non
     url = f"http://{lan.ipv4}:{settings.portal_port}/" if lan and lan.ipv4 else None
     node_id = bytes(keychain.key(0x7FFFFFFF).pub).hex()[:16]  # stable per seed, reveals nothing
     app = make_app(manager, node_id, meter, info=PortalInfo(settings.portal_title, settings.portal_text, url))
-    servers = [HttpServer(app, host, port) for host, port in listen]
+    servers = [HttpServer(app, listen)]
     return Service(settings, manager, meter, servers, lan=lan, config_path=config_path,
                    watch_interval=watch_interval, ubus=ubus, ubus_socket=ubus_socket, captive_dns=captive_dns)

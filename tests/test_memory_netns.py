@@ -2,8 +2,8 @@
 checked on the real `bitmesh serve` (firewall on) in the router namespace, without timing or an
 RSS threshold (the figures are bench/soak.py's):
 
-- `serve` does not load the payer's side (`bitmesh pay`/`close`, the wallet session, the portal
-  client): about 0.5 MB of code and objects the router never runs;
+- `serve` loads neither `typing` (~0.5 MB) nor the payer's side (`bitmesh pay`/`close`, the
+  wallet session, the portal client: about 0.5 MB of code and objects the router never runs);
 - on glibc the C allocator runs one arena for all threads (bitmesh/memory.py): with an arena per
   thread (the portal's 18 threads) 200 clients grew the process by some 5 MB more;
 - the gate reads the kernel's table (every meter pass) without building it as dicts: each element
@@ -101,6 +101,13 @@ def test_serve_does_not_load_the_payer_side(served) -> None:
         p = subprocess.run([sys.executable, "-m", "bitmesh.cli", command, "--help"], cwd=REPO,
                            capture_output=True, text=True, timeout=30)
         assert p.returncode == 0 and f"bitmesh {command}" in p.stdout, p.stderr
+
+
+def test_serve_does_not_load_typing(served) -> None:
+    """`typing` (about 0.5 MB resident with its classes) is only for the type checker: the
+    service's modules import its names under a TYPE_CHECKING guard."""
+    modules, _ = served
+    assert "typing" not in modules
 
 
 @pytest.mark.skipif(not _glibc(), reason="the arena limit is glibc's (musl has no per-thread arenas)")

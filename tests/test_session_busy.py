@@ -165,7 +165,7 @@ def test_the_portal_queues_a_poll_of_every_device_while_the_workers_are_busy():
         return [b'{"state":"open"}']
 
     limits = Limits()
-    server = HttpServer(app, "127.0.0.1", 0, limits)
+    server = HttpServer(app, [("127.0.0.1", 0)], limits)
     server.start()
     socks = []
     try:
@@ -210,7 +210,7 @@ def test_a_request_that_waited_past_the_queue_deadline_is_refused_unrun():
         start_response("200 OK", [("Content-Type", "application/json")])
         return [b"{}"]
 
-    server = HttpServer(app, "127.0.0.1", 0, Limits(workers=1, queue_wait=0.5))
+    server = HttpServer(app, [("127.0.0.1", 0)], Limits(workers=1, queue_wait=0.5))
     server.start()
     try:
         running = socket.create_connection(("127.0.0.1", server.port))

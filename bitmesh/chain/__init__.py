@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from bitmesh.chain.base import ChainBackend
 from bitmesh.errors import ConfigError
+
+TYPE_CHECKING = False  # typing costs the router ~0.5 MB resident: its names are for the checker only
+if TYPE_CHECKING:
+    from typing import Any
 
 BACKEND_KINDS = ("core", "esplora")
 

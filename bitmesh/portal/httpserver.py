@@ -23,6 +23,7 @@ such martians), so the per-client limits leave it alone unless `Limits.exempt_lo
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import io
 import ipaddress
@@ -294,11 +295,13 @@ class _Client:
 
 
 class _Conn:
-    __slots__ = ("sock", "ip", "port", "limited", "buf", "state", "deadline", "head", "chunked", "started",
-                 "out", "keep", "requests", "watching", "idle_since", "discarded", "scanned")
+    __slots__ = ("sock", "ip", "port", "limited", "server", "buf", "state", "deadline", "head", "chunked",
+                 "started", "out", "keep", "requests", "watching", "idle_since", "discarded", "scanned")
 
-    def __init__(self, sock: socket.socket, ip: str, port: int, limited: bool, now: float, idle: float):
+    def __init__(self, sock: socket.socket, ip: str, port: int, limited: bool, server: tuple[str, int], now: float,
+                 idle: float):
         self.sock, self.ip, self.port, self.limited = sock, ip, port, limited
+        self.server = server  # the listening address it came in on (SERVER_NAME, SERVER_PORT)
         self.buf = bytearray()
         self.state = _READING
         self.deadline = now + idle
@@ -324,16 +327,29 @@ class _Job:
 
 
 class HttpServer:
-    def __init__(self, app, host: str, port: int, limits: Limits | None = None):
+    """Serves `app` on every (host, port) of `listen` (the LAN's IPv4 and IPv6) from one I/O
+    thread and one worker pool: a second server per address family would double the threads
+    and their per-thread allocator caches, some 1 MB resident on glibc."""
+
+    def __init__(self, app, listen: list[tuple[str, int]], limits: Limits | None = None):
+        if not listen:
+            raise ValueError("HttpServer needs at least one address to listen on")
         self.app = app
         self.limits = limits or Limits()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.socket(family, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((host, port))
-        self._listener.listen(256)
-        self._listener.setblocking(False)
-        self._server_name = host
+        self._listeners: dict[socket.socket, tuple[str, int]] = {}
+        try:
+            for host, port in listen:
+                sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+                self._listeners[sock] = (host, port)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+                sock.listen(256)
+                sock.setblocking(False)
+                self._listeners[sock] = (host, sock.getsockname()[1])
+        except OSError:
+            for sock in self._listeners:
+                sock.close()
+            raise
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -354,7 +370,8 @@ class HttpServer:
 
     @property
     def port(self) -> int:
-        return self._listener.getsockname()[1]
+        """The port of the first address (all of them, unless `listen` named different ones)."""
+        return next(iter(self._listeners.values()))[1]
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -367,14 +384,14 @@ class HttpServer:
             t = threading.Thread(target=self._work, name=f"http-worker-{i}", daemon=True)
             t.start()
             self._workers.append(t)
-        self._sel.register(self._listener, selectors.EVENT_READ, None)
+        self._listen(True)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         next_sweep = 0.0
         try:
             while not self._stopping:
                 for key, mask in self._sel.select(0.25):
-                    if key.fileobj is self._listener:
-                        self._accept()
+                    if key.fileobj in self._listeners:
+                        self._accept(key.fileobj)
                     elif key.fileobj is self._wake_r:
                         self._finish_jobs()
                     else:
@@ -391,15 +408,15 @@ class HttpServer:
         self._wake()
         if self._thread is not None:
             self._thread.join(10)
-        self._listener.close()
+        for sock in self._listeners:
+            sock.close()
 
     def _close_all(self) -> None:
         for conn in list(self._conns.values()):
             self._close(conn)
         for _ in self._workers:
             self._jobs.put(None)
-        with _quiet():
-            self._sel.unregister(self._listener)
+        self._listen(False)
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -412,17 +429,26 @@ class HttpServer:
 
     # --- accepting ----------------------------------------------------------------------------
 
-    def _accept(self) -> None:
+    def _listen(self, on: bool) -> None:
+        """Watch the listening sockets for connections, or stop watching them."""
+        for sock in self._listeners:
+            with contextlib.suppress(OSError, KeyError, ValueError):  # closed, or already so
+                if on:
+                    self._sel.register(sock, selectors.EVENT_READ, None)
+                else:
+                    self._sel.unregister(sock)
+
+    def _accept(self, listener: socket.socket) -> None:
         now = time.monotonic()
         for _ in range(64):
             try:
-                sock, addr = self._listener.accept()
+                sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("portal: cannot accept (%s); pausing for 1 s", e)
-                    self._sel.unregister(self._listener)
+                    self._listen(False)
                     self._accept_paused_until = now + 1.0
                     return
                 continue  # ECONNABORTED & co.: that one is gone
@@ -440,7 +466,7 @@ class HttpServer:
             if client is None:
                 client = self._clients[ip] = _Client()
             client.connections += 1
-            conn = _Conn(sock, ip, addr[1], limited, now, self.limits.idle_timeout)
+            conn = _Conn(sock, ip, addr[1], limited, self._listeners[listener], now, self.limits.idle_timeout)
             self._conns[sock.fileno()] = conn
             self._watch(conn, selectors.EVENT_READ)
 
@@ -609,8 +635,8 @@ class HttpServer:
             "SCRIPT_NAME": "",
             "PATH_INFO": urllib.parse.unquote(path, "latin-1"),
             "QUERY_STRING": query,
-            "SERVER_NAME": self._server_name,
-            "SERVER_PORT": str(self.port),
+            "SERVER_NAME": conn.server[0],
+            "SERVER_PORT": str(conn.server[1]),
             "SERVER_PROTOCOL": head.version,
             "REMOTE_ADDR": conn.ip,
             "REMOTE_PORT": str(conn.port),
@@ -810,7 +836,7 @@ class HttpServer:
         self._buckets.prune()
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
-            self._sel.register(self._listener, selectors.EVENT_READ, None)
+            self._listen(True)
 
 
 class _quiet:

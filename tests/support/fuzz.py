@@ -660,7 +660,7 @@ def fuzz_rig(hotspot) -> PortalFuzz:
 
     hotspot.http.stop()
     app = make_app(hotspot.manager, "test-node", open_limit=OpenLimit(exempt_loopback=False))
-    hotspot.http = HttpServer(app, "127.0.0.1", 0, Limits(exempt_loopback=False))
+    hotspot.http = HttpServer(app, [("127.0.0.1", 0)], Limits(exempt_loopback=False))
     hotspot.http.start()
     unfunded = hotspot.open_payer(40_000)
     funded = hotspot.funded_payer(40_000)

@@ -49,7 +49,7 @@ class Hotspot:
         pol = ChannelPolicy(network=NETWORK, payout_script=payout, **{**TEST_POLICY, **policy})
         keychain = ChannelKeychain(load_or_create_seed(state_dir / "seed"))
         manager = ChannelManager(pol, Ledger(state_dir / "channels.journal"), keychain, chain)
-        http = HttpServer(make_app(manager, "test-node"), "127.0.0.1", 0)
+        http = HttpServer(make_app(manager, "test-node"), [("127.0.0.1", 0)])
         http.start()
         return cls(node, faucet, chain, pol, manager, http, state_dir)
 
