@@ -11,7 +11,8 @@ deps:
 # The whole suite with the library versions OpenWrt 24.10 ships (.venv), then the tests of what
 # uses bottle and paho-mqtt again with their newest releases (.venv-latest).
 LATEST_TESTS := tests/test_portal.py tests/test_channel_regtest.py tests/test_channel_bad_input.py \
-	tests/test_channel_crash.py tests/test_browser.py tests/test_ubus_owrt.py
+	tests/test_channel_crash.py tests/test_browser.py tests/test_ubus_owrt.py \
+	tests/test_market_offer.py tests/test_mqtt_netns.py
 
 test: deps
 	$(PYTEST) -q

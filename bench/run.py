@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 SECTIONS = ("bench.channel", "bench.firewall", "bench.portal", "bench.faults", "bench.fuzz", "bench.dns",
-            "bench.garden", "bench.gate", "bench.soak")
+            "bench.garden", "bench.gate", "bench.soak", "bench.mqtt", "bench.resale")
 TARGETS = {  # key: (comparison, target) from the issues
     "channel.updates_per_s": (">=", 500),
     "channel.updates_to_verify_ratio": (">=", 0.4),
@@ -32,6 +32,9 @@ TARGETS = {  # key: (comparison, target) from the issues
     "soak.clients": (">=", 200),
     "soak.lost_sat": ("<=", 0),
     "service.rss_mb_200_clients": ("<=", 30),
+    "mqtt.events_per_s": (">=", 1000),
+    "mqtt.offer_propagation_ms": ("<=", 50),
+    "resale.pay_to_access_ms": ("<=", 200),
 }
 
 

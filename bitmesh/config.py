@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 MAX_SAT = 21_000_000 * 100_000_000
 DUST_SAT = 546
 CHAIN_BACKENDS = ("esplora", "core")
-SECRET_OPTIONS = frozenset({"core_rpc_password"})
+SECRET_OPTIONS = frozenset({"core_rpc_password", "mqtt_password"})
 GARDEN_HOST_PORT = 443  # a walled_garden_host entry's port
 ZERO_CONF_TOTAL_FACTOR = 5  # zero_conf_total_max_sat when unset: this many channels at the per-channel cap
 
@@ -70,6 +70,27 @@ class Settings:
     mqtt_enabled: bool = False
     mqtt_broker: str = "127.0.0.1:1883"
     mqtt_topic_prefix: str = "bitmesh"
+    mqtt_username: str = ""
+    mqtt_password: str = field(default="", repr=False)
+    mqtt_tls: bool = False  # TLS to the broker (mqtt_ca_file, or the system's CAs)
+    mqtt_ca_file: str = ""
+    # Demand pricing (off by default; bitmesh/market/pricing.py): new channels' prices follow
+    # the load (paid clients / capacity_clients) between floor and ceiling. 0 = unset.
+    demand_pricing: bool = False
+    price_floor_sat_per_mb: int = 0
+    price_ceiling_sat_per_mb: int = 0
+    price_floor_sat_per_minute: int = 0
+    price_ceiling_sat_per_minute: int = 0
+    demand_target_load_percent: int = 70
+    demand_step_percent_per_minute: int = 10
+    capacity_clients: int = 32  # paid clients this hotspot serves well at once
+    # Uplink mode (resale, off by default; bitmesh/uplink/): the WAN is a client of another BitMesh
+    # hotspot, paid from the owner-funded wallet; this hotspot resells at upstream x (1 + margin).
+    uplink_enabled: bool = False
+    uplink_portal: str = ""  # the upstream portal's URL; empty: the WAN's default gateway's, port 8088
+    uplink_margin_percent: int = 20
+    uplink_budget_sat: int = 0  # the most ever spent upstream, all uplink channels together
+    uplink_deposit_sat: int = 50_000  # each uplink channel's deposit
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Settings:
@@ -166,6 +187,48 @@ class Settings:
             raise ConfigError(f"portal_port: must be between 1 and 65535, got {self.portal_port}")
         if self.mqtt_enabled:
             self.mqtt_host_port  # noqa: B018 - validates the broker address
+        if self.mqtt_ca_file and not self.mqtt_tls:
+            raise ConfigError("mqtt_ca_file: only used with mqtt_tls 1")
+        self._check_demand_pricing()
+        self._check_uplink()
+
+    def _check_uplink(self) -> None:
+        if self.uplink_margin_percent > 1000:
+            raise ConfigError(f"uplink_margin_percent: must be between 0 and 1000, got {self.uplink_margin_percent}")
+        if self.uplink_deposit_sat < DUST_SAT:
+            raise ConfigError(f"uplink_deposit_sat: must be at least the dust limit {DUST_SAT}, "
+                              f"got {self.uplink_deposit_sat}")
+        if self.uplink_enabled and self.uplink_budget_sat <= 0:
+            raise ConfigError("uplink_budget_sat: must be > 0 with uplink_enabled (the most spent upstream)")
+
+    def _check_demand_pricing(self) -> None:
+        if not 1 <= self.capacity_clients <= 100_000:
+            raise ConfigError(f"capacity_clients: must be between 1 and 100000, got {self.capacity_clients}")
+        if not 1 <= self.demand_target_load_percent <= 99:
+            raise ConfigError(
+                f"demand_target_load_percent: must be between 1 and 99, got {self.demand_target_load_percent}")
+        if not 1 <= self.demand_step_percent_per_minute <= 100:
+            raise ConfigError(f"demand_step_percent_per_minute: must be between 1 and 100, "
+                              f"got {self.demand_step_percent_per_minute}")
+        if not self.demand_pricing:
+            return
+        for unit in ("sat_per_mb", "sat_per_minute"):
+            base = getattr(self, f"price_{unit}")
+            floor, ceiling = getattr(self, f"price_floor_{unit}"), getattr(self, f"price_ceiling_{unit}")
+            if not base:
+                if floor or ceiling:
+                    raise ConfigError(f"price_floor_{unit}: floor and ceiling must be 0 while price_{unit} is 0 "
+                                      "(that unit is not sold)", code="price_band_invalid")
+                continue
+            if floor <= 0:
+                raise ConfigError(f"price_floor_{unit}: must be > 0 with demand_pricing on (price_{unit} is {base})",
+                                  code="price_band_invalid")
+            if floor > base:
+                raise ConfigError(f"price_floor_{unit}: must be <= price_{unit} ({base}), got {floor}",
+                                  code="price_band_invalid")
+            if ceiling < base:
+                raise ConfigError(f"price_ceiling_{unit}: must be >= price_{unit} ({base}), got {ceiling}",
+                                  code="price_band_invalid")
 
 
 # --- converters: (option name, raw value) -> typed value ----------------------------------------
@@ -283,6 +346,10 @@ def _abs_path(name: str, value: Any) -> str:
     return value
 
 
+def _optional_path(name: str, value: Any) -> str:
+    return "" if _scalar(name, value) == "" else _abs_path(name, value)
+
+
 def _port(name: str, value: Any) -> int:
     n = _amount(name, value)
     if not 1 <= n <= 65535:
@@ -375,6 +442,23 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "mqtt_enabled": _bool,
     "mqtt_broker": _broker,
     "mqtt_topic_prefix": _topic,
+    "mqtt_username": _text(256),
+    "mqtt_password": _secret,
+    "mqtt_tls": _bool,
+    "mqtt_ca_file": _optional_path,
+    "demand_pricing": _bool,
+    "price_floor_sat_per_mb": _amount,
+    "price_ceiling_sat_per_mb": _amount,
+    "price_floor_sat_per_minute": _amount,
+    "price_ceiling_sat_per_minute": _amount,
+    "demand_target_load_percent": _amount,
+    "demand_step_percent_per_minute": _amount,
+    "capacity_clients": _amount,
+    "uplink_enabled": _bool,
+    "uplink_portal": _url,
+    "uplink_margin_percent": _amount,
+    "uplink_budget_sat": _amount,
+    "uplink_deposit_sat": _amount,
 }
 assert set(_FIELDS) == {f.name for f in dataclasses.fields(Settings)}
 

@@ -112,11 +112,21 @@ class Control:
                       "checked_at": int(view.taken_at) if view else None, "error": manager.chain_error},
             "clients_online": sum(1 for c in self._client_rows() if c["state"] == "open"),
             "channels_open": len(open_channels),
-            "price_sat_per_mb": s.price_sat_per_mb,
-            "price_sat_per_minute": s.price_sat_per_minute,
+            # what new channels open at now (demand pricing moves it; open channels keep theirs)
+            "price_sat_per_mb": manager.policy.sat_per_mb,
+            "price_sat_per_minute": manager.policy.sat_per_minute,
+            "demand_pricing": s.demand_pricing,
+            "base_price_sat_per_mb": s.price_sat_per_mb,  # the owner's price (at the target load)
+            "base_price_sat_per_minute": s.price_sat_per_minute,
             "prepay_step_sat": s.prepay_step_sat,
             "payout_address": s.payout_address,
+            # uplink mode (resale): the wallet's deposit address, balance, budget and prices; None when off
+            "uplink": self._uplink_status(),
         }
+
+    def _uplink_status(self) -> dict | None:
+        runner = getattr(self.service, "uplink", None)
+        return None if runner is None else runner.uplink.status()
 
     def _client_rows(self) -> list[dict]:
         meter = self.service.meter

@@ -33,6 +33,8 @@ from bitmesh.portal.client import PortalClient, PortalError
 
 log = logging.getLogger(__name__)
 
+OPEN_ATTEMPTS = 3  # opens refused because demand pricing moved the price meanwhile (offer read again)
+
 
 @dataclass
 class PayerSession:
@@ -56,13 +58,24 @@ class PayerSession:
         return self.terms.prepay_step if self.terms else 0
 
     def open(self, deposit: int, client_secret: bytes | None = None) -> dict:
-        offer = self.portal.offer()
-        self.network = offer["network"]
-        self.terms = offer_terms(offer)  # later answers never change them
         self.client_secret = client_secret or secrets.token_bytes(32)
         key = CKey(self.client_secret, compressed=True)
-        refund_script = address_to_script(self.refund_address, self.network)
-        terms = self.portal.open_channel(bytes(key.pub), deposit, self.refund_address)
+        for attempt in range(OPEN_ATTEMPTS):
+            offer = self.portal.offer()
+            self.network = offer["network"]
+            self.terms = offer_terms(offer)  # later answers never change them
+            refund_script = address_to_script(self.refund_address, self.network)
+            tariff = self.terms.tariff.to_json()
+            try:
+                # Naming the offer's prices: the router opens at exactly these or refuses.
+                terms = self.portal.open_channel(bytes(key.pub), deposit, self.refund_address, tariff=tariff)
+                break
+            except PortalError as e:
+                if e.code != "price_changed" or attempt == OPEN_ATTEMPTS - 1:
+                    raise
+                log.info("the price moved between the offer and the open: reading the offer again")
+        if terms.get("tariff", tariff) != tariff:  # a router must record what it was asked for
+            raise PortalError(f"the channel states {terms['tariff']}, the offer said {tariff}", code="price_changed")
         contract = check_terms(terms, bytes(key.pub), deposit, refund_script, self.tip_height(), self.limits)
         self.channel = PayerChannel(contract, key, deposit, refund_script)
         self.channel_id = terms["channel_id"]

@@ -10,9 +10,11 @@ reload names those that changed. SIGTERM stops and removes the firewall table.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
+import select
 import signal
 import socket
 import threading
@@ -27,6 +29,7 @@ from bitmesh.channel.keys import ChannelKeychain, load_or_create_seed
 from bitmesh.channel.ledger import Ledger
 from bitmesh.channel.manager import ChannelManager
 from bitmesh.channel.server import ChannelPolicy
+from bitmesh.channel.state import Phase
 from bitmesh.config import Settings, load_settings
 from bitmesh.control import Control
 from bitmesh.errors import ConfigError
@@ -41,7 +44,15 @@ from bitmesh.portal.api import PortalInfo, make_app
 from bitmesh.portal.httpserver import HttpServer
 from bitmesh.ubus_object import UbusObject
 
+TYPE_CHECKING = False  # typing costs the router ~0.5 MB resident: its names are for the checker only
+if TYPE_CHECKING:
+    from bitmesh.market.pricing import DemandPricing, PriceState
+    from bitmesh.market.publisher import MarketPublisher
+    from bitmesh.uplink.service import UplinkRunner
+
 log = logging.getLogger(__name__)
+
+PRICING_INTERVAL = 60.0  # seconds between demand pricing passes (the step itself is per minute of clock)
 
 
 def policy_from_settings(settings: Settings) -> ChannelPolicy:
@@ -128,11 +139,18 @@ class Service:
     ubus_socket: str | None = None  # ubusd's socket; None: libubus's default
     captive_dns: CaptiveResolver | None = None  # the DNS of clients without access (with the gate)
     _ubus_object: UbusObject | None = None
+    market: MarketPublisher | None = None  # MQTT on: offer, state, events (bitmesh.market, loaded then only)
+    uplink: UplinkRunner | None = None  # uplink mode on: buys upstream, resells (bitmesh.uplink, loaded then only)
     _stop: threading.Event = field(default_factory=threading.Event)
     _wake: threading.Event = field(default_factory=threading.Event)
+    _signal_wake: socket.socket | None = None  # what wakes run()'s main thread (signals, stop())
     _next_watch: float = 0.0  # monotonic time of the next chain watch pass
     _reload_lock: threading.Lock = field(default_factory=threading.Lock)
     _restart_required: tuple[str, ...] = ()
+    pricing_interval: float = PRICING_INTERVAL
+    _pricing: DemandPricing | None = None  # demand pricing on: the owner's bands
+    _price_state: PriceState | None = None
+    _next_price_eval: float = 0.0  # monotonic time of the next demand pricing pass
 
     def watch_soon(self) -> None:
         """Run a chain watch pass now (e.g. to broadcast a settlement the owner just signed)."""
@@ -145,6 +163,11 @@ class Service:
                 self.meter.tick()
             except Exception:
                 log.exception("metering pass failed")
+            if self._pricing is not None and time.monotonic() >= self._next_price_eval:
+                try:
+                    self._reprice()
+                except Exception:
+                    log.exception("demand pricing pass failed")
             if time.monotonic() >= self._next_watch:
                 self._next_watch = time.monotonic() + self.watch_interval
                 try:
@@ -155,7 +178,47 @@ class Service:
             self._wake.wait(min(self.meter_interval, self.watch_interval))
             self._wake.clear()
 
+    def paid_clients(self) -> int:
+        """The load demand pricing follows: clients holding paid access now (open and paid)."""
+        return sum(1 for ch in self.manager.channels() if ch.phase is Phase.OPEN and ch.paid)
+
+    def _configure_pricing(self, settings: Settings) -> None:
+        """Demand pricing from `settings` (start, reload): the prices start again from the owner's
+        base prices (the policy just built from the settings); off: nothing of it is loaded."""
+        if not settings.demand_pricing:
+            self._pricing = self._price_state = None
+            return
+        from bitmesh.market import pricing  # lazily: the router loads it only when it is on
+
+        now = time.monotonic()
+        self._pricing = pricing.pricing_from_settings(settings)
+        self._price_state = pricing.start_state(self._pricing, int(now * 1000))
+        self._next_price_eval = now + self.pricing_interval
+        log.info("demand pricing on at t=%d ms: %d sat/MB, %d sat/min; capacity %d clients",
+                 int(now * 1000), *self._price_state.prices(), self._pricing.capacity_clients)
+
+    def _reprice(self) -> None:
+        """One demand pricing pass: new channels get the next price (open ones keep theirs)."""
+        from bitmesh.market import pricing
+
+        with self._reload_lock:  # never between a reload's policy and its pricing state
+            if self._pricing is None or self._price_state is None:
+                return
+            now = time.monotonic()
+            self._next_price_eval = now + self.pricing_interval
+            clients = self.paid_clients()
+            old = self._price_state.prices()
+            self._price_state = pricing.step(self._pricing, self._price_state, clients, int(now * 1000))
+            mb, minute = self._price_state.prices()
+            if (mb, minute) == old:
+                return
+            self.manager.policy = dataclasses.replace(self.manager.policy, sat_per_mb=mb, sat_per_minute=minute)
+        log.info("demand pricing at t=%d ms: %d of %d paid clients: %d -> %d sat/MB, %d -> %d sat/min",
+                 int(now * 1000), clients, self._pricing.capacity_clients, old[0], mb, old[1], minute)
+        self.offer_changed()  # the MQTT offer, where that part is on
+
     def start(self) -> None:
+        self._configure_pricing(self.settings)
         self.meter.restore()
         if self.captive_dns is not None:
             self.captive_dns.start()
@@ -163,10 +226,53 @@ class Service:
             self.meter.gate.watch()  # fw4 flush & co.: the table is back within milliseconds
         if self.ubus:
             self._start_ubus()
+        self._start_market()
+        self._start_uplink()
         threading.Thread(target=self._timer_loop, name="timer", daemon=True).start()
         for server in self.servers:
             server.start()
             log.info("portal listening on port %d", server.port)
+
+    def _start_market(self) -> None:
+        """MQTT on: publish the offer, state and events (a broker away never stops the gate: paho
+        connects in its own thread and the bus queues); off: nothing of it is imported."""
+        if not self.settings.mqtt_enabled:
+            return
+        try:
+            from bitmesh.market.publisher import MarketPublisher
+
+            self.market = MarketPublisher(self).start()
+        except Exception as e:  # no paho, a bad CA file ...: the hotspot goes on without it
+            log.error("marketplace not started: %s", e)
+            self.market = None
+
+    def _start_uplink(self) -> None:
+        """Uplink mode on: buy upstream access and resell it (its own thread); off: nothing of it
+        is imported. A setting that cannot work (no upstream portal) leaves the hotspot without it."""
+        if not self.settings.uplink_enabled:
+            return
+        from bitmesh.uplink.service import UplinkRunner, uplink_from_settings
+
+        try:
+            self.uplink = UplinkRunner(self, uplink_from_settings(self.settings, self.manager.chain)).start()
+        except Exception as e:
+            log.error("uplink mode not started: %s", e)
+
+    def _stop_uplink(self) -> None:
+        if self.uplink is not None:
+            uplink, self.uplink = self.uplink, None
+            uplink.stop()
+
+    def _stop_market(self) -> None:
+        if self.market is not None:
+            market, self.market = self.market, None
+            market.stop()
+
+    def offer_changed(self) -> None:
+        """The advertised terms changed (reload, demand pricing): sign and publish the offer now.
+        Nothing when MQTT is off."""
+        if self.market is not None:
+            self.market.offer_changed()
 
     def _start_ubus(self) -> None:
         obj = UbusObject(Control(self), socket_path=self.ubus_socket)
@@ -180,13 +286,32 @@ class Service:
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
+        # Python runs signal handlers in the main thread only, but the kernel may hand a signal
+        # to any thread: one that lands on another thread while the main one sleeps in a lock
+        # would wait there until the next signal (a procd reload lost). The C handler writes
+        # every signal to the wakeup fd, whatever thread took it: the main thread sleeps on it.
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        self._signal_wake = wake_w
+        previous = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.reload, daemon=True).start())
-        STOP_MARKER.unlink(missing_ok=True)  # a stop asked for before this start is done with
-        self.start()
-        self._reload_if_changed()
-        self._stop.wait()
+        try:
+            STOP_MARKER.unlink(missing_ok=True)  # a stop asked for before this start is done with
+            self.start()
+            self._reload_if_changed()
+            while not self._stop.is_set():
+                select.select([wake_r], [], [])  # handlers run as soon as this returns
+                with contextlib.suppress(BlockingIOError):
+                    while wake_r.recv(512):
+                        pass
+        finally:
+            signal.set_wakeup_fd(previous)
+            self._signal_wake = None
+            wake_r.close()
+            wake_w.close()
         self.shutdown(keep_table=self._exiting_for_a_restart())
 
     def _exiting_for_a_restart(self) -> bool:
@@ -246,12 +371,21 @@ class Service:
                         ", ".join(pending))
             return pending
         self.manager.policy = policy
-        self.settings = applied
+        previous, self.settings = self.settings, applied
+        self._configure_pricing(applied)  # back to the base prices, within the (new) bands
         if firewall is not None and gate is not None and firewall != gate.config:
             gate.reload(firewall)  # walled garden: one atomic replace, counters carried
         if self.captive_dns is not None and gate is not None:
             self.captive_dns.update(captive_dns_from(gate.config, applied))  # garden names
         self._restart_required = tuple(pending)
+        if _options(previous, "uplink_") != _options(applied, "uplink_"):
+            self._stop_uplink()  # the book on disk carries the budget spent over to the new one
+            self._start_uplink()
+        if _options(previous, "mqtt_") != _options(applied, "mqtt_"):
+            self._stop_market()  # another broker, login or prefix: a new connection (and will)
+            self._start_market()
+        else:
+            self.offer_changed()  # prices and terms as reloaded
         if pending:
             log.warning("config reloaded; a restart is required to apply %s (/etc/init.d/bitmesh restart)",
                         ", ".join(pending))
@@ -275,6 +409,9 @@ class Service:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        if self._signal_wake is not None:  # run() sleeps on it
+            with contextlib.suppress(OSError):
+                self._signal_wake.send(b"\0")
 
     def shutdown(self, keep_table: bool = False) -> None:
         """Stop serving. The firewall table is removed (the LAN is open again), or with
@@ -283,6 +420,8 @@ class Service:
         if gate is not None and keep_table:
             gate.detach()  # first: nothing restores or changes the table from here on
             log.info("exiting for a restart: table inet bitmesh stays loaded meanwhile")
+        self._stop_market()  # first: the offline state goes out while the portal still answers
+        self._stop_uplink()
         if self._ubus_object is not None:
             self._ubus_object.stop()
         for server in self.servers:
@@ -294,9 +433,14 @@ class Service:
         self.manager.ledger.close()
 
 
+def _options(settings: Settings, prefix: str) -> tuple:
+    return tuple(getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name.startswith(prefix))
+
+
 def build_service(settings: Settings, listen: list[tuple[str, int]] | None = None, watch_interval: float = 30.0,
                   chain: ChainBackend | None = None, firewall: bool = True, config_path: Path | None = None,
-                  nft: Nft | None = None, ubus: bool = False, ubus_socket: str | None = None) -> Service:
+                  nft: Nft | None = None, ubus: bool = False, ubus_socket: str | None = None,
+                  pricing_interval: float = PRICING_INTERVAL) -> Service:
     """`listen` defaults to the LAN addresses only: the portal is never served to the WAN."""
     state_dir = Path(settings.state_dir)
     ledger = Ledger(state_dir / "channels.journal")
@@ -316,4 +460,5 @@ def build_service(settings: Settings, listen: list[tuple[str, int]] | None = Non
     app = make_app(manager, node_id, meter, info=PortalInfo(settings.portal_title, settings.portal_text, url))
     servers = [HttpServer(app, listen)]
     return Service(settings, manager, meter, servers, lan=lan, config_path=config_path,
-                   watch_interval=watch_interval, ubus=ubus, ubus_socket=ubus_socket, captive_dns=captive_dns)
+                   watch_interval=watch_interval, ubus=ubus, ubus_socket=ubus_socket, captive_dns=captive_dns,
+                   pricing_interval=pricing_interval)

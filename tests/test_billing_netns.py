@@ -37,6 +37,7 @@ from tests.support.router import (
     RouterService,
     expected_split,
     funding_key,
+    payers,
     portal_call,
     python_in,
     read_settlement,
@@ -168,19 +169,8 @@ def router(topo, bcoin, tmp_path):
 
 @pytest.fixture
 def pay(topo, faucet, tmp_path):
-    """`pay(service, deposit, client=0, **kw)`: `bitmesh pay` in a client namespace; killed at the end."""
-    payers: list[Payer] = []
-
-    def start(service: RouterService, deposit: int, client: int = 0, **kw) -> Payer:
-        for ns in (topo.upstream.ns, topo.clients[0].ns):
-            topo.reset_counters(ns)
-        payer = Payer(topo, topo.clients[client], service, faucet, deposit, tmp_path / f"payer{len(payers)}", **kw)
-        payers.append(payer)
-        return payer
-
-    yield start
-    for payer in payers:
-        payer.kill()
+    with payers(topo, faucet, tmp_path, counted=(topo.upstream.ns, topo.clients[0].ns)) as start:
+        yield start
 
 
 def delivered(topo) -> int:

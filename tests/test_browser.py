@@ -8,6 +8,7 @@ tests/test_hotspot_netns.py.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Iterator
@@ -153,6 +154,24 @@ def test_splash_page_on_a_phone_shows_the_price_and_the_form(page: Page, hotspot
     page.click("#open-btn")
     expect(page.locator("#error")).to_contain_text("The deposit must be a whole number")
     assert hotspot.manager.channels() == []
+
+
+def test_page_opens_at_the_price_it_showed_or_not_at_all(page: Page, hotspot: Hotspot):
+    """The page names the offer's tariff in its open: a price that moved between its read of the
+    offer and the open (demand pricing) is refused with price_changed, nothing is opened, the page
+    shows the new price, and opening again gets a channel at the price now shown."""
+    page.goto(hotspot.url + "/")
+    shown = hotspot.manager.policy.sat_per_mb
+    expect(page.locator("#price-main")).to_contain_text(f"{shown} sat per MB")
+    hotspot.manager.policy = dataclasses.replace(hotspot.manager.policy, sat_per_mb=shown + 7)
+    page.click("#open-btn")
+    expect(page.locator("#error")).to_contain_text("The price changed while the channel was opening")
+    assert hotspot.manager.channels() == []
+    expect(page.locator("#price-main")).to_contain_text(f"{shown + 7} sat per MB")
+    page.click("#open-btn")
+    expect(page.locator("#step-fund")).to_be_visible()
+    (channel,) = hotspot.manager.channels()
+    assert (channel.sat_per_mb, channel.sat_per_minute) == (shown + 7, hotspot.manager.policy.sat_per_minute)
 
 
 def test_whole_splash_flow_pays_automatically_survives_a_reload_and_settles_exactly(

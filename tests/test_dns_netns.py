@@ -20,7 +20,7 @@ import pytest
 from bitmesh.firewall.ruleset import CAPTIVE_DNS_PORT
 from tests.support import dns
 from tests.support.netns import Topology, run_in
-from tests.support.router import Payer, RouterService, router_services
+from tests.support.router import RouterService, payers, router_services
 
 pytestmark = [
     pytest.mark.netns,
@@ -67,16 +67,8 @@ def router(topo, bcoin, tmp_path):
 
 @pytest.fixture
 def pay(topo, faucet, tmp_path):
-    payers: list[Payer] = []
-
-    def start(service: RouterService, host, deposit: int, **kw) -> Payer:
-        payer = Payer(topo, host, service, faucet, deposit, tmp_path / f"payer{len(payers)}", **kw)
-        payers.append(payer)
-        return payer
-
-    yield start
-    for payer in payers:
-        payer.kill()
+    with payers(topo, faucet, tmp_path) as start:
+        yield start
 
 
 def resolve(topo, host, name, qtype="A", server=PORTAL4, **kw) -> dict:
@@ -184,7 +176,7 @@ def test_captive_dns_flood_is_rate_limited_per_device(topo, router):
 def test_paid_client_resolves_through_dnsmasq_and_its_dns_is_metered(topo, router, pay):
     c, unpaid = topo.clients[1], topo.clients[2]
     service = router(price_sat_per_mb=100)  # 500 sat a step buys 5 MB: the payer stays ahead
-    payer = pay(service, c, 30_000)
+    payer = pay(service, 30_000, client=c)
     payer.wait_for(r"^paid \d+ sat")
     # Real answers, from the owner's dnsmasq (UDP and TCP)
     assert resolve(topo, c, "example.test")["answers"] == [UP4]
@@ -210,7 +202,7 @@ def test_quota_exhausted_mid_tunnel_falls_back_to_captive_dns(topo, router, pay)
     c = topo.clients[1]
     # One payment of the whole deposit: 5000 sat at 10 000 sat/MB buys 500 000 bytes.
     service = router(price_sat_per_mb=10_000, prepay_step_sat=5_000, min_deposit_sat=5_000)
-    payer = pay(service, c, 5_000)
+    payer = pay(service, 5_000, client=c)
     payer.wait_for(r"^paid 5000 sat")
     payer.kill()  # the channel stays open, paid up to its quota
     assert resolve(topo, c, "example.test")["answers"] == [UP4]
@@ -227,7 +219,7 @@ def test_expired_client_falls_back_to_captive_dns(topo, router, pay):
     c = topo.clients[1]
     # 60 000 sat/minute = 1000 sat/s: one payment of the whole 4000 sat deposit buys 4 s.
     service = router(price_sat_per_mb=0, price_sat_per_minute=60_000, prepay_step_sat=4_000, min_deposit_sat=4_000)
-    payer = pay(service, c, 4_000)
+    payer = pay(service, 4_000, client=c)
     payer.wait_for(r"^paid 4000 sat")
     paid_at = time.monotonic()
     assert resolve(topo, c, "example.test")["answers"] == [UP4]

@@ -22,10 +22,10 @@ from tests.support.browser import OUTPUT, collect_errors, launch_chromium, phone
 from tests.support.coins import NETWORK, key_address, new_key, sign_p2wpkh_spend
 from tests.support.netns import Topology
 from tests.support.router import (
-    Payer,
     RouterService,
     UbusCallError,
     expected_split,
+    payers,
     portal_call,
     read_payout,
     read_settlement,
@@ -75,18 +75,8 @@ def router(topo, bcoin, tmp_path):
 @pytest.fixture
 def pay(topo, faucet, tmp_path):
     """`pay(service, deposit)`: `bitmesh pay` in client 1; killed at the end of the test."""
-    payers: list[Payer] = []
-
-    def start(service: RouterService, deposit: int, **kw) -> Payer:
-        for ns in (topo.upstream.ns, topo.clients[0].ns):
-            topo.reset_counters(ns)
-        payer = Payer(topo, topo.clients[0], service, faucet, deposit, tmp_path / f"payer{len(payers)}", **kw)
-        payers.append(payer)
-        return payer
-
-    yield start
-    for payer in payers:
-        payer.kill()
+    with payers(topo, faucet, tmp_path, counted=(topo.upstream.ns, topo.clients[0].ns)) as start:
+        yield start
 
 
 def http(topo, host, url, **kw):

@@ -347,3 +347,57 @@ def test_luci_makefile_follows_luci_mk():
     # the version the SDK builds is the service's (luci.mk's git-derived one is not apk-safe)
     assert re.search(r"^PKG_VERSION:=(\S+)$", text, re.M).group(1) == __version__
     assert re.search(r"^PKG_RELEASE:=(\d+)$", text, re.M)
+
+
+BAND_CASES = [(base, floor, ceiling) for base in ("0", "10") for floor in ("", "0", "1", "10", "11")
+              for ceiling in ("", "0", "9", "10", "50")]
+
+
+def test_demand_pricing_bands_are_validated_by_the_form_as_by_the_service():
+    """Demand pricing (issue 11): its options show only with it on (and keep their values while
+    hidden), and the form's floor/ceiling check (settings.js priceBand, run here in node) accepts
+    exactly the bands the service accepts; an emptied field is the service's default, 0."""
+    source = SETTINGS_JS.read_text()
+
+    def _option_block(source: str, name: str) -> str:  # where the option is made (its name is in rechecks too)
+        block = source[source.index(f"form.Value, '{name}'"):]
+        return block[:block.index("s.taboption(")]
+
+    for name in ("price_floor_sat_per_mb", "price_ceiling_sat_per_mb", "price_floor_sat_per_minute",
+                 "price_ceiling_sat_per_minute", "capacity_clients", "demand_target_load_percent",
+                 "demand_step_percent_per_minute"):
+        assert "o.depends('demand_pricing', '1');" in _option_block(source, name), name
+    assert "o.validate = whole(1, 99);" in _option_block(source, "demand_target_load_percent")
+    assert "o.validate = whole(1, 100);" in _option_block(source, "demand_step_percent_per_minute")
+    assert "o.validate = whole(1, 100000);" in _option_block(source, "capacity_clients")
+    for bad in ({"demand_target_load_percent": 100}, {"demand_step_percent_per_minute": 101},
+                {"capacity_clients": 100_001}, {"capacity_clients": 0}):
+        with pytest.raises(config.ConfigError):
+            config.Settings.from_dict(bad)
+    helpers = (source[source.index("var DEFAULTS = "):source.index("// Per network")]
+               + source[source.index("function current("):source.index("// A change to this option re-checks")])
+    script = ("var _ = function(s) { return s; };\n"
+              "String.prototype.format = function() { var a = [].slice.call(arguments), i = 0;"
+              " return this.replace(/%s/g, function() { return a[i++]; }); };\n" + helpers + """
+var cases = JSON.parse(process.argv[1]);
+console.log(JSON.stringify(cases.map(function(c) {
+    var base = { formvalue: function() { return c[0]; } };
+    var self = { map: { lookupOption: function(name) { return [ base, 'main' ]; } } };
+    return priceBand('price_sat_per_mb', true).call(self, 'main', c[1]) === true &&
+           priceBand('price_sat_per_mb', false).call(self, 'main', c[2]) === true;
+})));""")
+    run = subprocess.run(["node", "-e", script, json.dumps(BAND_CASES)], capture_output=True, text=True, check=True)
+    form = dict(zip(BAND_CASES, json.loads(run.stdout), strict=True))
+    for base, floor, ceiling in BAND_CASES:
+        options = {"demand_pricing": "1", "price_sat_per_mb": base, "price_sat_per_minute": "5",
+                   "price_floor_sat_per_minute": "5", "price_ceiling_sat_per_minute": "5"}
+        options.update({k: v for k, v in (("price_floor_sat_per_mb", floor), ("price_ceiling_sat_per_mb", ceiling))
+                        if v != ""})  # an emptied field: the option is removed
+        try:
+            config.Settings.from_dict(options)
+            service = True
+        except config.ConfigError as e:
+            assert e.code == "price_band_invalid", e
+            service = False
+        assert form[(base, floor, ceiling)] == service, (base, floor, ceiling, form[(base, floor, ceiling)])
+    assert sum(form.values()) == 4 + 4  # base 0: empty or 0 twice; base 10: floor 1 or 10, ceiling 10 or 50

@@ -103,6 +103,14 @@ def test_serve_does_not_load_the_payer_side(served) -> None:
         assert p.returncode == 0 and f"bitmesh {command}" in p.stdout, p.stderr
 
 
+def test_serve_without_mqtt_loads_no_paho_nor_the_marketplace(served) -> None:
+    """MQTT off (the default): neither paho nor bitmesh.market is imported, no thread of theirs."""
+    modules, _ = served
+    assert "bitmesh.service" in modules
+    loaded = sorted(m for m in modules if m.split(".")[0] == "paho" or m.startswith("bitmesh.market"))
+    assert not loaded, loaded
+
+
 def test_serve_does_not_load_typing(served) -> None:
     """`typing` (about 0.5 MB resident with its classes) is only for the type checker: the
     service's modules import its names under a TYPE_CHECKING guard."""

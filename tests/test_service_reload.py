@@ -73,3 +73,39 @@ def test_restart_options_cover_what_the_running_service_built_at_start():
     assert restart_required(base, base.replace(price_sat_per_mb=5, walled_garden_host=("example.org",))) == []
     assert "payout_address" not in RESTART_OPTIONS and "min_deposit_sat" not in RESTART_OPTIONS
 
+
+
+def test_a_sighup_taken_by_another_thread_still_reloads_at_once(running):
+    """The kernel hands a process's signal to any of its threads; Python runs the handler in the
+    main thread only. A SIGHUP taken by another thread while the main one sleeps in `run()` is
+    applied at once (it waited for the next signal: a procd reload lost)."""
+    import signal
+    import threading
+    import time
+
+    service, write = running
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    outcome: dict[str, float] = {}
+
+    def elsewhere() -> None:
+        deadline = time.monotonic() + 20
+        while not service.servers[0]._thread and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # run() is asleep by now
+        write(price_sat_per_mb=1234)
+        sent = time.monotonic()
+        signal.pthread_kill(threading.get_ident(), signal.SIGHUP)  # to this thread, not the main one
+        while service.manager.policy.sat_per_mb != 1234 and time.monotonic() - sent < 5:
+            time.sleep(0.02)
+        outcome["applied_after_s"] = time.monotonic() - sent if service.manager.policy.sat_per_mb == 1234 else -1
+        service.stop()
+
+    helper = threading.Thread(target=elsewhere)
+    helper.start()
+    try:
+        service.run()
+    finally:
+        helper.join(30)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert 0 <= outcome["applied_after_s"] < 5, outcome

@@ -9,6 +9,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from bitmesh.errors import ChainError
+
 # Used when the backend gives no estimate (regtest, empty mempool, outage): low but
 # relayable on every network.
 FALLBACK_FEERATE_SAT_VB = 2.0
@@ -33,6 +35,17 @@ class OutSpend:
     spent: bool
     spending_txid: str | None = None
     confirmations: int = 0
+
+
+@dataclass(frozen=True)
+class Unspent:
+    """An unspent output paying an address: where it is, its value, and the height of the block
+    that holds it (None: still in the mempool)."""
+
+    txid: str
+    vout: int
+    value: int  # satoshis
+    height: int | None = None
 
 
 class ChainBackend(ABC):
@@ -60,6 +73,12 @@ class ChainBackend(ABC):
     @abstractmethod
     def estimate_feerate(self, target_blocks: int = 6) -> float:
         """sat/vB, clamped to [MIN, MAX]; FALLBACK_FEERATE_SAT_VB when there is no estimate."""
+
+    def address_unspent(self, address: str) -> list[Unspent]:
+        """The unspent outputs paying `address` (in the backend's network's spelling), those
+        of the mempool included where the backend sees them; outputs already spent by a mempool
+        transaction left out where it can tell (see each backend)."""
+        raise ChainError(f"{type(self).__name__} cannot list an address's outputs", code="chain_unsupported")
 
     def fee_estimate(self, target_blocks: int = 6) -> float:
         """Like estimate_feerate, but an outage raises ChainError instead of answering the

@@ -14,8 +14,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from decimal import Decimal
 
-from bitmesh.chain.base import ChainBackend, OutSpend, TxStatus, clamp_feerate
+from bitmesh.chain.base import ChainBackend, OutSpend, TxStatus, Unspent, clamp_feerate
 from bitmesh.chain.retry import Retry, TransientError, redact_url
 from bitmesh.chain.txutil import is_txid, output_count, raw_txid
 from bitmesh.errors import BroadcastRejected, ChainError, ConfigError
@@ -185,6 +186,29 @@ class CoreRpcBackend(ChainBackend):
             raise
         return (res or [{}])[0].get("spendingtxid")
 
+    def address_unspent(self, address: str) -> list[Unspent]:
+        """bcoin (run with --index-address): its REST `GET /coin/address/<addr>`, mempool coins
+        included and mempool spends left out. Core: `scantxoutset` over the confirmed UTXO set
+        (Core keeps no address index: a scan takes seconds to minutes on mainnet; mempool coins
+        are not seen), mempool spends left out through `gettxspendingprevout` (Core >= 24)."""
+        if self._is_bcoin():
+            coins = self._rest_get(f"coin/address/{urllib.parse.quote(address, safe='')}") or []
+            return [Unspent(str(coin["hash"]), int(coin["index"]), int(coin["value"]),
+                            None if int(coin["height"]) < 0 else int(coin["height"])) for coin in coins]
+        res = self.call("scantxoutset", "start", [f"addr({address})"]) or {}
+        found = [Unspent(str(u["txid"]), int(u["vout"]), btc_to_sat(u["amount"]), int(u["height"]))
+                 for u in res.get("unspents", [])]
+        if not found:
+            return []
+        try:
+            spends = self.call("gettxspendingprevout", [{"txid": u.txid, "vout": u.vout} for u in found]) or []
+        except RpcError as exc:
+            if exc.rpc_code != RPC_METHOD_NOT_FOUND:
+                raise
+            return found  # an older Core: a mempool spend is not seen
+        spent = {(s["txid"], int(s["vout"])) for s in spends if s.get("spendingtxid")}
+        return [u for u in found if (u.txid, u.vout) not in spent]
+
     def broadcast(self, raw: bytes) -> str:
         txid = raw_txid(raw)
         try:
@@ -227,6 +251,11 @@ class CoreRpcBackend(ChainBackend):
         # Core: {"feerate": BTC/kvB} or {"errors": [...]}; bcoin: {"fee": BTC/kB or -1}
         btc_per_kvb = res.get("feerate", res.get("fee"))
         return clamp_feerate(btc_per_kvb_to_sat_vb(btc_per_kvb))
+
+
+def btc_to_sat(value: float | int | str) -> int:
+    """A JSON BTC amount (a float with up to 8 decimals) to satoshis, exactly."""
+    return int((Decimal(str(value)) * 100_000_000).to_integral_value())
 
 
 def btc_per_kvb_to_sat_vb(value: float | int | None) -> float | None:

@@ -2,7 +2,8 @@
 
 Routers cannot run a node, so this is the common case. Paths used (Esplora API.md):
 GET /blocks/tip/height, /blocks/tip/hash, /block/:hash, /blocks/:start_height,
-/tx/:txid/hex, /tx/:txid/status, /tx/:txid/outspend/:vout, /fee-estimates; POST /tx.
+/tx/:txid/hex, /tx/:txid/status, /tx/:txid/outspend/:vout, /fee-estimates,
+/address/:address/utxo; POST /tx.
 stdlib only.
 """
 
@@ -14,7 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from bitmesh.chain.base import ChainBackend, OutSpend, TxStatus, clamp_feerate
+from bitmesh.chain.base import ChainBackend, OutSpend, TxStatus, Unspent, clamp_feerate
 from bitmesh.chain.retry import Retry, redact_url
 from bitmesh.chain.txutil import is_txid, raw_txid
 from bitmesh.errors import BroadcastRejected, ChainError, ConfigError
@@ -136,6 +137,17 @@ class EsploraBackend(ChainBackend):
         if answer != txid:
             raise BroadcastRejected(f"Esplora answered {answer[:80]!r} to the broadcast of {txid}")
         return txid
+
+    def address_unspent(self, address: str) -> list[Unspent]:
+        """GET /address/:address/utxo: confirmed and mempool outputs, mempool spends left out
+        (electrs indexes the mempool too)."""
+        utxos = self._json(f"/address/{urllib.parse.quote(address, safe='')}/utxo") or []
+        out = []
+        for u in utxos:
+            status = u.get("status") or {}
+            height = int(status["block_height"]) if status.get("confirmed") else None
+            out.append(Unspent(_hex(str(u["txid"])), int(u["vout"]), int(u["value"]), height))
+        return out
 
     def estimate_feerate(self, target_blocks: int = 6) -> float:
         try:

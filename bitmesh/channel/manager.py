@@ -151,7 +151,11 @@ class ChannelManager:
     def open_channel(self, req: OpenRequest, client_mac: str = "", client_ip: str = "") -> Channel:
         """New channel terms; the session is bound to the caller's MAC and IP (the portal
         finds them), which is where access will be granted once it pays."""
-        rules.check_deposit(self.policy, req.deposit)
+        policy = self.policy  # one snapshot: the price checked is the price recorded (demand pricing)
+        rules.check_deposit(policy, req.deposit)
+        if req.tariff is not None and req.tariff != (policy.sat_per_mb, policy.sat_per_minute):
+            raise ChannelError(f"the price changed since the offer: now {policy.sat_per_mb} sat/MB, "
+                               f"{policy.sat_per_minute} sat/min (GET /api/offer again)", code="price_changed")
         view = self.chain_view(refresh=True)
         with self._lock:
             index = self._next_key_index
@@ -165,13 +169,13 @@ class ChannelManager:
                 client_pubkey=req.client_pubkey,
                 server_pubkey=bytes(server_key.pub),
                 deposit=req.deposit,
-                expiry=view.tip_height + self.policy.expiry_blocks,
+                expiry=view.tip_height + policy.expiry_blocks,
                 refund_script=req.refund_script,
                 created_at=int(self.clock()),
                 client_mac=client_mac,
                 client_ip=client_ip,
-                sat_per_mb=self.policy.sat_per_mb,
-                sat_per_minute=self.policy.sat_per_minute,
+                sat_per_mb=policy.sat_per_mb,
+                sat_per_minute=policy.sat_per_minute,
             )
             self._next_key_index = index + 1
             return self._commit(channel)

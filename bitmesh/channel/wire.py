@@ -90,16 +90,26 @@ class OpenRequest:
     client_pubkey: bytes
     deposit: int
     refund_script: bytes
+    # The offer's prices the client accepts (sat_per_mb, sat_per_minute); None: whatever the
+    # router records (the channel object states it). Demand pricing may move the price between
+    # the offer and the open: a named tariff that is no longer current is refused (price_changed).
+    tariff: tuple[int, int] | None = None
 
 
 def parse_open(data: dict, network: str) -> OpenRequest:
     pubkey = _hex(data, "client_pubkey", 33)
     assert pubkey is not None
     c.check_pubkey(pubkey, "client_pubkey")
+    tariff = _field(data, "tariff", dict, optional=True)
+    if tariff is not None:
+        prices = tuple(_field(tariff, unit, int) for unit in ("sat_per_mb", "sat_per_minute"))
+        if set(tariff) - {"sat_per_mb", "sat_per_minute"} or not all(0 <= p < 21_000_000 * 100_000_000 for p in prices):
+            raise RequestError("field 'tariff' must be {sat_per_mb, sat_per_minute} in sat", code="field_invalid")
     return OpenRequest(
         client_pubkey=pubkey,
         deposit=_amount(data, "deposit"),
         refund_script=address_to_script(_field(data, "refund_address", str), network),
+        tariff=prices if tariff is not None else None,
     )
 
 
@@ -226,6 +236,7 @@ def channel_json(channel: Channel, network: str, *, owed: int) -> dict:
         "funding_confirmations": channel.funding_confirmations,
         "paid": channel.paid,
         "owed": owed,
+        "tariff": {"sat_per_mb": channel.sat_per_mb, "sat_per_minute": channel.sat_per_minute},  # fixed at open
         "settlement_txid": channel.settlement_txid,
         "close_reason": channel.close_reason or None,
     }

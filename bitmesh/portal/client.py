@@ -50,8 +50,12 @@ class PortalClient:
     def offer(self) -> dict:
         return self._call("GET", "/api/offer")
 
-    def open_channel(self, client_pubkey: bytes, deposit: int, refund_address: str) -> dict:
+    def open_channel(self, client_pubkey: bytes, deposit: int, refund_address: str,
+                     tariff: dict | None = None) -> dict:
+        """`tariff`: the offer's prices this payer accepts (refused with price_changed if no longer current)."""
         body = {"client_pubkey": client_pubkey.hex(), "deposit": deposit, "refund_address": refund_address}
+        if tariff is not None:
+            body["tariff"] = tariff
         return self._call("POST", "/api/channels", body)
 
     def channel(self, channel_id: str) -> dict:

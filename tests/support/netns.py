@@ -226,6 +226,7 @@ class Topology:
     def __post_init__(self) -> None:
         self.router = Host(f"{self.prefix}-r", self.LAN, "10.77.1.1", "fd77:1::1")
         self.upstream = Host(f"{self.prefix}-u", "eth0", "10.77.2.2", "fd77:2::2")
+        self.internet: Host | None = None  # two hops only (internet_behind_upstream)
         self.clients = [
             Host(f"{self.prefix}-c{i}", "eth0", f"10.77.1.{10 + i}", f"fd77:1::{10 + i:x}", f"02:77:00:00:00:{i:02x}")
             for i in range(1, self.n_clients + 1)
@@ -321,6 +322,39 @@ class Topology:
         for path in reversed(self._files):
             shutil.rmtree(path, ignore_errors=True)
         self._files.clear()
+
+    def internet_behind_upstream(self) -> Host:
+        """Two hops (resale): the upstream namespace becomes a second router, whose LAN is its
+        eth0 (the router's WAN is one client on it), and a new namespace behind it is the internet:
+
+            client -- [br-lan] router [wan 10.77.2.1] -- [eth0 10.77.2.2] upstream [wan 10.77.3.1]
+                   -- [eth0 10.77.3.2] internet
+
+        The router routes by default via the upstream and masquerades what leaves its WAN (as fw4
+        does on OpenWrt), so the upstream sees one client; the upstream forwards to the internet."""
+        inet = Host(f"{self.prefix}-i", "eth0", "10.77.3.2", "fd77:3::2")
+        _ip("netns", "add", inet.ns)
+        self._made.append(inet.ns)
+        _ip("-n", inet.ns, "link", "set", "lo", "up")
+        for ns in (self.upstream.ns, inet.ns):
+            self.sysctl(ns, "net.ipv6.conf.all.accept_dad", 0)
+        u, r = self.upstream, self.router
+        self.sysctl(u.ns, "net.ipv4.ip_forward", 1)
+        self.sysctl(u.ns, "net.ipv6.conf.all.forwarding", 1)
+        self._veth(u.ns, self.WAN, inet.ns, inet.ifname)
+        _ip("-n", u.ns, "link", "set", self.WAN, "up")
+        _ip("-n", inet.ns, "link", "set", inet.ifname, "up")
+        self._addr(u.ns, self.WAN, "10.77.3.1/24", "fd77:3::1/64")
+        self._addr(inet.ns, inet.ifname, f"{inet.ipv4}/24", f"{inet.ipv6}/64")
+        _ip("-n", inet.ns, "route", "add", "10.77.2.0/24", "via", "10.77.3.1")
+        _ip("-n", inet.ns, "-6", "route", "add", "fd77:2::/64", "via", "fd77:3::1")
+        _ip("-n", r.ns, "route", "add", "default", "via", u.ipv4)
+        _ip("-n", r.ns, "-6", "route", "add", "default", "via", u.ipv6)
+        run_in(r.ns, "nft", "-f", "-", input=(
+            "table inet resale_nat {\n\tchain post {\n\t\ttype nat hook postrouting priority srcnat;\n"
+            f"\t\toifname \"{self.WAN}\" masquerade\n\t}}\n}}\n"))
+        self.internet = inet
+        return inet
 
     # -- building blocks ------------------------------------------------------------------
 

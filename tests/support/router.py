@@ -122,11 +122,14 @@ class RouterService:
     options: dict[str, object] = field(default_factory=dict)
     payout_address: str = field(default_factory=lambda: key_address(new_key()))
     with_ubus: bool = False  # register the ubus objects with OpenWrt's real ubusd (tests/support/owrt.py)
+    serve_args: tuple[str, ...] = ()  # more `bitmesh serve` options (e.g. test-only --pricing-interval)
+    host: Host | None = None  # the namespace it runs in: topo.router, or topo.upstream as the second hop
     proc: subprocess.Popen | None = None
     owrt: OwrtRoot | None = None  # where ubusd runs, with_ubus
     _listener: subprocess.Popen | None = None  # `ubus listen 'bitmesh.*'`
 
     def __post_init__(self) -> None:
+        self.host = self.host or self.topo.router
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = self.workdir / "config" / "bitmesh"  # a UCI file is named like its package
         self.config.parent.mkdir(exist_ok=True)
@@ -147,12 +150,12 @@ class RouterService:
 
     @property
     def url(self) -> str:
-        return f"http://{self.topo.router.ipv4}:{self.port}"
+        return f"http://{self.host.ipv4}:{self.port}"
 
     def start(self, timeout: float = 20.0) -> RouterService:
         env = dict(os.environ)
-        argv = ["ip", "netns", "exec", self.topo.router.ns, sys.executable, "-m", "bitmesh.cli", "serve",
-                "--config", str(self.config), "--watch-interval", "1"]
+        argv = ["ip", "netns", "exec", self.host.ns, sys.executable, "-m", "bitmesh.cli", "serve",
+                "--config", str(self.config), "--watch-interval", "1", *self.serve_args]
         if self.with_ubus:
             if self.owrt is None:
                 self.owrt = OwrtRoot(self.workdir / "owrt").start()
@@ -165,7 +168,7 @@ class RouterService:
             self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT)
         try:
-            python_in(self.topo.router.ns, _WAIT_HTTP, f"{self.url}/api/offer", str(timeout), timeout=timeout + 5)
+            python_in(self.host.ns, _WAIT_HTTP, f"{self.url}/api/offer", str(timeout), timeout=timeout + 5)
         except RuntimeError:
             self.stop()
             raise RuntimeError(f"service did not come up:\n{self.log.read_text()[-3000:]}") from None
@@ -382,3 +385,25 @@ def router_services(topo: Topology) -> Iterator[list[RouterService]]:
         for service in started:
             service.stop()
         run_in(topo.router.ns, "ip", "neigh", "flush", "dev", topo.LAN)
+
+
+@contextlib.contextmanager
+def payers(topo: Topology, faucet: Faucet, workdir: Path, counted: tuple[str, ...] = ()) -> Iterator:
+    """`pay(service, deposit, client=0, **kw)`: a real `bitmesh pay` in a client namespace
+    (`client`: an index into topo.clients or a Host); each one killed at the end. The byte
+    counters of the namespaces in `counted` are zeroed before each payer starts."""
+    started: list[Payer] = []
+
+    def pay(service: RouterService, deposit: int, client: int | Host = 0, **kw) -> Payer:
+        for ns in counted:
+            topo.reset_counters(ns)
+        host = topo.clients[client] if isinstance(client, int) else client
+        payer = Payer(topo, host, service, faucet, deposit, workdir / f"payer{len(started)}", **kw)
+        started.append(payer)
+        return payer
+
+    try:
+        yield pay
+    finally:
+        for payer in started:
+            payer.kill()

@@ -56,6 +56,7 @@ const FRIENDLY = {
   channel_expiring: "The channel is about to expire and takes no more payments. Close it and open a new one.",
   proof_invalid: "The router does not recognise this page's key for the channel.",
   proof_missing: "The router asks for this channel's key, which this page does not have.",
+  price_changed: "The price changed while the channel was opening. Check the new price above and open again.",
 };
 
 class ApiError extends Error {
@@ -289,8 +290,10 @@ async function openChannel() {
   let terms;
   let contract;
   try {
+    // Named: if the price moved since the offer was read, the router refuses (price_changed)
+    // instead of opening at a price this page did not show.
     terms = await api('POST', '/api/channels', {
-      client_pubkey: bytesToHex(clientPubkey), deposit, refund_address: refundAddress,
+      client_pubkey: bytesToHex(clientPubkey), deposit, refund_address: refundAddress, tariff: fixed.tariff,
     });
     contract = checkTerms(terms, {
       clientPubkey, deposit, refundScript, tipHeight: tip.tip, network: offer.network,
@@ -298,6 +301,10 @@ async function openChannel() {
   } catch (e) {
     S = null; // nothing can have been funded: start again from the form
     localStorage.removeItem(STORE);
+    if (e.code === 'price_changed') {
+      offer = await api('GET', '/api/offer').catch(() => offer);
+      renderOffer();
+    }
     throw e;
   }
   Object.assign(S, { channelId: terms.channel_id, contract, state: terms.state });

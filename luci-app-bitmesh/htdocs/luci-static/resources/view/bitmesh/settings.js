@@ -20,6 +20,11 @@ var DEFAULTS = {
 	"price_sat_per_mb": 1,
 	"price_sat_per_minute": 10,
 	"prepay_step_sat": 100,
+	"demand_target_load_percent": 70,
+	"demand_step_percent_per_minute": 10,
+	"capacity_clients": 32,
+	"uplink_margin_percent": 20,
+	"uplink_deposit_sat": 50000,
 	"min_deposit_sat": 5000,
 	"max_deposit_sat": 200000,
 	"expiry_blocks": 144,
@@ -127,6 +132,24 @@ function optionValue(name, offset) {
 	return function(option, section_id) {
 		var v = current(option, section_id, name);
 		return (/^[0-9]+$/.test(v) ? +v : DEFAULTS[name]) + (offset || 0);
+	};
+}
+
+// Validator of a demand pricing floor (isFloor) or ceiling against its price `base` (config.py
+// _check_demand_pricing): for a price above 0, 0 < floor <= price <= ceiling; for 0, both 0.
+// Empty is 0 (the service's default), so an emptied floor is refused while the price is above 0.
+function priceBand(base, isFloor) {
+	return function(section_id, value) {
+		var res = whole(0, MAX_SAT).call(this, section_id, value),
+		    b = +current(this, section_id, base), v = +(value || 0);
+
+		if (res !== true)
+			return res;
+		if (b <= 0)
+			return v ? _('0 while the price is 0 (that price is not charged)') : true;
+		if (isFloor)
+			return (v > 0 && v <= b) ? true : _('Enter a whole number from 1 to the price (%s)').format(b);
+		return (v >= b) ? true : _('Enter a whole number from the price (%s) up').format(b);
 	};
 }
 
@@ -270,6 +293,7 @@ return view.extend({
 		s.tab('chain', _('Blockchain'));
 		s.tab('portal', _('Portal'));
 		s.tab('mqtt', _('Marketplace'));
+		s.tab('uplink', _('Uplink (resale)'));
 
 		// --- General ---
 		o = s.taboption('general', form.Flag, 'enabled', _('Enable'),
@@ -333,18 +357,72 @@ return view.extend({
 				return _('Set a price per MB or per minute');
 			return true;
 		};
+		o.onchange = recheck([ 'price_floor_sat_per_mb', 'price_ceiling_sat_per_mb' ]);
 
 		o = s.taboption('prices', form.Value, 'price_sat_per_minute', _('Price per minute (sat)'),
 			_('0 for no time price.'));
 		o.placeholder = DEFAULTS.price_sat_per_minute;
 		o.validate = whole(0, MAX_SAT);
-		o.onchange = recheck([ 'price_sat_per_mb' ]);
+		o.onchange = recheck([ 'price_sat_per_mb', 'price_floor_sat_per_minute', 'price_ceiling_sat_per_minute' ]);
 
 		o = s.taboption('prices', form.Value, 'prepay_step_sat', _('Prepay step (sat)'),
 			_('Credit a client pays ahead of use: the most an unpaid step can cost you. At most the minimum deposit.'));
 		o.placeholder = DEFAULTS.prepay_step_sat;
 		o.validate = whole(1, optionValue('min_deposit_sat'),
 			_('Enter a whole number from %s to the minimum deposit (%s)'));
+
+		// Demand pricing (bitmesh/market/pricing.py): the checks of config.py's _check_demand_pricing
+		o = s.taboption('prices', form.Flag, 'demand_pricing', _('Demand pricing'),
+			_('New channels\' prices follow the load (paid clients over capacity): the floor with no client, the prices above at the target load, the ceiling at full capacity, moving at most the step per minute. A channel keeps the price it opened with; Status shows the current price.'));
+
+		o = s.taboption('prices', form.Value, 'price_floor_sat_per_mb', _('Floor per MB (sat)'),
+			_('Above 0 and at most the price; 0 while that price is 0.'));
+		o.depends('demand_pricing', '1');
+		o.retain = true;
+		o.validate = priceBand('price_sat_per_mb', true);
+		o.onchange = recheck([ 'price_ceiling_sat_per_mb' ]);
+
+		o = s.taboption('prices', form.Value, 'price_ceiling_sat_per_mb', _('Ceiling per MB (sat)'),
+			_('At least the price; 0 while that price is 0.'));
+		o.depends('demand_pricing', '1');
+		o.retain = true;
+		o.validate = priceBand('price_sat_per_mb', false);
+		o.onchange = recheck([ 'price_floor_sat_per_mb' ]);
+
+		o = s.taboption('prices', form.Value, 'price_floor_sat_per_minute', _('Floor per minute (sat)'),
+			_('Above 0 and at most the price; 0 while that price is 0.'));
+		o.depends('demand_pricing', '1');
+		o.retain = true;
+		o.validate = priceBand('price_sat_per_minute', true);
+		o.onchange = recheck([ 'price_ceiling_sat_per_minute' ]);
+
+		o = s.taboption('prices', form.Value, 'price_ceiling_sat_per_minute', _('Ceiling per minute (sat)'),
+			_('At least the price; 0 while that price is 0.'));
+		o.depends('demand_pricing', '1');
+		o.retain = true;
+		o.validate = priceBand('price_sat_per_minute', false);
+		o.onchange = recheck([ 'price_floor_sat_per_minute' ]);
+
+		o = s.taboption('prices', form.Value, 'capacity_clients', _('Capacity (paid clients)'),
+			_('Clients this hotspot serves well at once: full load for demand pricing.'));
+		o.depends('demand_pricing', '1');
+		o.retain = true;
+		o.placeholder = DEFAULTS.capacity_clients;
+		o.validate = whole(1, 100000);
+
+		o = s.taboption('prices', form.Value, 'demand_target_load_percent', _('Target load (%)'),
+			_('Load at which the prices above apply.'));
+		o.depends('demand_pricing', '1');
+		o.retain = true;
+		o.placeholder = DEFAULTS.demand_target_load_percent;
+		o.validate = whole(1, 99);
+
+		o = s.taboption('prices', form.Value, 'demand_step_percent_per_minute', _('Step (% of floor..ceiling per minute)'),
+			_('The most a price moves in one minute.'));
+		o.depends('demand_pricing', '1');
+		o.retain = true;
+		o.placeholder = DEFAULTS.demand_step_percent_per_minute;
+		o.validate = whole(1, 100);
 
 		// --- Channels ---
 		o = s.taboption('channels', form.Value, 'min_deposit_sat', _('Minimum deposit (sat)'),
@@ -447,7 +525,7 @@ return view.extend({
 
 		// --- Marketplace ---
 		o = s.taboption('mqtt', form.Flag, 'mqtt_enabled', _('Announce offers over MQTT'),
-			_('Publishes this hotspot\'s prices and channel events to an MQTT broker. Not active in this version: the settings are kept for the release that adds the marketplace.'));
+			_('Publishes this hotspot\'s signed offer (prices, limits, load), its online state and channel events (never a client\'s address or keys) to an MQTT broker, where other routers and wallets compare offers (bitmesh offers).'));
 
 		o = s.taboption('mqtt', form.Value, 'mqtt_broker', _('Broker'), _('host:port'));
 		o.depends('mqtt_enabled', '1');
@@ -471,6 +549,64 @@ return view.extend({
 			return (value.length <= 200 && /^[^#+\0\/]+(\/[^#+\0\/]+)*$/.test(value)) ? true
 				: _('A topic without #, + or empty levels');
 		};
+
+		o = s.taboption('mqtt', form.Value, 'mqtt_username', _('Broker user name'), _('Empty: no login'));
+		o.depends('mqtt_enabled', '1');
+		o.retain = true;
+		o.validate = text(256);
+
+		o = s.taboption('mqtt', form.Value, 'mqtt_password', _('Broker password'));
+		o.depends('mqtt_enabled', '1');
+		o.retain = true;
+		o.password = true;
+		o.validate = text(1024);
+
+		o = s.taboption('mqtt', form.Flag, 'mqtt_tls', _('TLS'), _('Encrypt the connection to the broker and check its certificate'));
+		o.depends('mqtt_enabled', '1');
+		o.retain = true;
+
+		o = s.taboption('mqtt', form.Value, 'mqtt_ca_file', _('CA certificate file'),
+			_('PEM file that signed the broker\'s certificate; empty: the system\'s CAs'));
+		o.depends('mqtt_tls', '1');
+		o.retain = true;
+		o.placeholder = '/etc/ssl/certs/ca-certificates.crt';
+		o.validate = function(section_id, value) {
+			if (value == null || value === '')
+				return true;
+			return (value.charAt(0) == '/' && value.indexOf('\0') < 0 && value.split('/').indexOf('..') < 0) ? true
+				: _('Enter an absolute path without ".."');
+		};
+
+		// --- Uplink (resale) ---
+		o = s.taboption('uplink', form.Flag, 'uplink_enabled', _('Resell an upstream BitMesh hotspot'),
+			_('This router\'s WAN is a client of another BitMesh hotspot: it pays that hotspot from its own wallet (fund the deposit address shown on the Status page) and resells to its clients at the margin below. When the budget or the wallet runs out it stops selling and its clients lose access.'));
+
+		o = s.taboption('uplink', form.Value, 'uplink_portal', _('Upstream portal'),
+			_('e.g. http://192.168.8.1:8088; empty: the WAN\'s default gateway\'s portal'));
+		o.depends('uplink_enabled', '1');
+		o.retain = true;
+		o.validate = httpUrl;
+
+		o = s.taboption('uplink', form.Value, 'uplink_margin_percent', _('Margin (%)'),
+			_('Resale price = upstream price x (1 + margin), rounded up to whole satoshis.'));
+		o.depends('uplink_enabled', '1');
+		o.retain = true;
+		o.placeholder = DEFAULTS.uplink_margin_percent;
+		o.validate = whole(0, 1000);
+
+		o = s.taboption('uplink', form.Value, 'uplink_budget_sat', _('Budget (sat)'),
+			_('The most ever spent upstream, all uplink channels together.'));
+		o.depends('uplink_enabled', '1');
+		o.retain = true;
+		o.rmempty = false;
+		o.validate = whole(1, MAX_SAT);
+
+		o = s.taboption('uplink', form.Value, 'uplink_deposit_sat', _('Deposit per uplink channel (sat)'),
+			_('Locked in each uplink channel; what is not spent comes back to the wallet.'));
+		o.depends('uplink_enabled', '1');
+		o.retain = true;
+		o.placeholder = DEFAULTS.uplink_deposit_sat;
+		o.validate = whole(DUST_SAT, MAX_SAT);
 
 		return m.render().then(function(node) {
 			var wifi = loaded ? wifiNotice(uci.sections('wireless', 'wifi-iface'), uci.get('bitmesh', 'main', 'interface') || 'lan')

@@ -231,10 +231,32 @@ return view.extend({
 				chain.ok ? ((chain.tip_height != null) ? _('block %s').format(chain.tip_height) : _('reachable'))
 					: (chain.error ? _('unreachable (%s)').format(chain.error) : _('not checked yet'))) ],
 			[ _('Prices'), _('%s per MB, %s per minute, prepay step %s').format(
-				sats(st.price_sat_per_mb), sats(st.price_sat_per_minute), sats(st.prepay_step_sat)) ],
+				sats(st.price_sat_per_mb), sats(st.price_sat_per_minute), sats(st.prepay_step_sat)) +
+				(st.demand_pricing ? ' ' + _('(demand pricing: new channels; base price %s per MB, %s per minute)').format(
+					sats(st.base_price_sat_per_mb), sats(st.base_price_sat_per_minute)) : '') ],
 			[ _('Clients online'), '%s'.format(st.clients_online) ],
 			[ _('Open channels'), '%s'.format(st.channels_open) ],
 			[ _('Payout address'), st.payout_address || '-' ]
+		]);
+	},
+
+	// Uplink mode (resale): the wallet to fund, what the uplink costs and whether this hotspot sells.
+	renderUplink: function(up) {
+		var w = L.isObject(up.wallet) ? up.wallet : null, ch = L.isObject(up.channel) ? up.channel : null,
+		    buy = L.isObject(up.upstream_price) ? up.upstream_price : null,
+		    sell = L.isObject(up.resale_price) ? up.resale_price : null;
+
+		return keyValueTable([
+			[ _('Selling'), up.selling ? _('yes') : (up.cut ? _('no: clients cut (%s)') : _('no (%s)')).format(up.reason || up.error || '-') ],
+			[ _('Upstream portal'), up.portal || '-' ],
+			[ _('Deposit address (fund it)'), E('code', {}, up.deposit_address || '-') ],
+			[ _('Wallet'), w ? _('%s (%s unconfirmed)').format(sats(w.total_sat), sats(w.unconfirmed_sat)) : _('not read yet') ],
+			[ _('Budget'), _('%s spent of %s, %s left').format(sats(up.spent_sat), sats(up.budget_sat), sats(up.budget_left_sat)) ],
+			[ _('Uplink channel'), ch ? _('%s: paid %s of %s, credit %s').format(shortId(ch.channel_id), sats(ch.paid),
+				sats(ch.deposit), sats(ch.credit)) : '-' ],
+			[ _('Upstream price'), buy ? _('%s per MB, %s per minute').format(sats(buy.sat_per_mb), sats(buy.sat_per_minute)) : '-' ],
+			[ _('Resale price'), sell ? _('%s per MB, %s per minute (margin %s%%)').format(sats(sell.sat_per_mb),
+				sats(sell.sat_per_minute), up.margin_percent) : '-' ]
 		]);
 	},
 
@@ -307,6 +329,7 @@ return view.extend({
 
 		return [
 			E('div', { 'class': 'cbi-section' }, [ E('h3', _('Hotspot')), this.renderStatus(st) ]),
+			L.isObject(st.uplink) ? E('div', { 'class': 'cbi-section' }, [ E('h3', _('Uplink (resale)')), this.renderUplink(st.uplink) ]) : '',
 			E('div', { 'class': 'cbi-section' }, [ E('h3', _('Earnings')), this.renderEarnings(data[3]) ]),
 			E('div', { 'class': 'cbi-section' }, [ E('h3', _('Clients')), this.renderClients(data[1]) ]),
 			E('div', { 'class': 'cbi-section' }, [ E('h3', _('Channels')), this.renderChannels(data[2]) ])
