@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 SECTIONS = ("bench.channel", "bench.firewall", "bench.portal", "bench.faults", "bench.fuzz", "bench.dns",
-            "bench.garden", "bench.gate", "bench.soak", "bench.mqtt", "bench.resale")
+            "bench.garden", "bench.gate", "bench.soak", "bench.mqtt", "bench.resale", "bench.packages")
 TARGETS = {  # key: (comparison, target) from the issues
     "channel.updates_per_s": (">=", 500),
     "channel.updates_to_verify_ratio": (">=", 0.4),
@@ -35,6 +35,7 @@ TARGETS = {  # key: (comparison, target) from the issues
     "mqtt.events_per_s": (">=", 1000),
     "mqtt.offer_propagation_ms": ("<=", 50),
     "resale.pay_to_access_ms": ("<=", 200),
+    "packages.installed_kb": ("<=", 2048),
 }
 
 

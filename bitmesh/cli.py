@@ -66,11 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     if _command(argv) != "serve":
         # The payer's side (wallet, portal client, `bitmesh pay`/`close`) stays out of the
         # service's memory: the router runs `serve` only (tests/test_memory_netns.py).
+        from bitmesh.market.browse import add_fleet_parser
         from bitmesh.market.browse import add_parser as add_offers
         from bitmesh.paycli import add_parser as add_pay
 
         add_pay(sub)
         add_offers(sub)  # `bitmesh offers`: paho is imported only when it runs
+        add_fleet_parser(sub)  # `bitmesh fleet`: likewise
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -74,6 +74,7 @@ class Settings:
     mqtt_password: str = field(default="", repr=False)
     mqtt_tls: bool = False  # TLS to the broker (mqtt_ca_file, or the system's CAs)
     mqtt_ca_file: str = ""
+    fleet_nodes: tuple[str, ...] = ()  # the owner's node ids for the fleet view; empty = every node on the broker
     # Demand pricing (off by default; bitmesh/market/pricing.py): new channels' prices follow
     # the load (paid clients / capacity_clients) between floor and ceiling. 0 = unset.
     demand_pricing: bool = False
@@ -124,6 +125,7 @@ class Settings:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SECRET_OPTIONS}
         out["walled_garden"] = list(self.walled_garden)
         out["walled_garden_host"] = list(self.walled_garden_host)
+        out["fleet_nodes"] = list(self.fleet_nodes)
         return out
 
     @property
@@ -200,6 +202,11 @@ class Settings:
                               f"got {self.uplink_deposit_sat}")
         if self.uplink_enabled and self.uplink_budget_sat <= 0:
             raise ConfigError("uplink_budget_sat: must be > 0 with uplink_enabled (the most spent upstream)")
+        if self.uplink_enabled and self.demand_pricing:
+            # Both would set the price of new channels: the resale price follows the upstream's
+            # (docs/protocol.md, "Uplink mode"), the demand price the load.
+            raise ConfigError("demand_pricing: must be 0 with uplink_enabled (both set the price of new channels)",
+                              code="uplink_demand_pricing_exclusive")
 
     def _check_demand_pricing(self) -> None:
         if not 1 <= self.capacity_clients <= 100_000:
@@ -387,6 +394,18 @@ def _host_ports(name: str, value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _node_ids(name: str, value: Any) -> tuple[str, ...]:
+    """A list of node ids (16 lower-case hex digits, bitmesh.market.identity), no duplicates."""
+    items = [value] if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not re.fullmatch(r"[0-9A-Fa-f]{16}", item):
+            raise ConfigError(f"{name}: expected a node id (16 hex digits), got {item!r}")
+        if item.lower() not in out:
+            out.append(item.lower())
+    return tuple(out)
+
+
 def _split_host_port(name: str, value: str) -> tuple[str, int]:
     m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(r"^([^:\[\]]+):(\d+)$", value)
     if not m or not _is_host(m.group(1)) or not 1 <= int(m.group(2)) <= 65535:
@@ -446,6 +465,7 @@ _FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "mqtt_password": _secret,
     "mqtt_tls": _bool,
     "mqtt_ca_file": _optional_path,
+    "fleet_nodes": _node_ids,
     "demand_pricing": _bool,
     "price_floor_sat_per_mb": _amount,
     "price_ceiling_sat_per_mb": _amount,

@@ -192,6 +192,15 @@ class Control:
             "recent": recent[:RECENT_SETTLEMENTS],
         }
 
+    def fleet(self) -> dict:
+        """The owner's routers as they publish over MQTT (bitmesh.market.fleet): kept by the running
+        publisher from its subscription; `mqtt_disabled` when MQTT is off."""
+        market = getattr(self.service, "market", None)
+        if market is None:
+            raise BitMeshError("the fleet view needs the marketplace over MQTT (mqtt_enabled 1), not running",
+                               code="mqtt_disabled")
+        return market.fleet_summary()
+
     # --- acting ----------------------------------------------------------------------------
 
     def kick(self, mac: str) -> dict:

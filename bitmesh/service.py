@@ -370,7 +370,8 @@ class Service:
             log.warning("config not reloaded: it only fits after a restart (%s): restart required for %s", e,
                         ", ".join(pending))
             return pending
-        self.manager.policy = policy
+        uplink_kept = self.uplink is not None and _options(self.settings, "uplink_") == _options(applied, "uplink_")
+        self.manager.policy = self.uplink.terms(policy) if uplink_kept else policy  # resale terms kept
         previous, self.settings = self.settings, applied
         self._configure_pricing(applied)  # back to the base prices, within the (new) bands
         if firewall is not None and gate is not None and firewall != gate.config:

@@ -45,6 +45,7 @@ METHODS: dict[str, dict[str, str]] = {
     "kick": {"mac": "string"},
     "close_channel": {"channel_id": "string"},
     "earnings": {},
+    "fleet": {},
     "reload": {},
 }
 LOOP_MS = 1000  # how long one ubus.loop() waits before queued events are sent

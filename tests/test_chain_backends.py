@@ -14,7 +14,7 @@ from bitmesh.chain.address import p2wpkh_script
 from bitmesh.chain.base import FALLBACK_FEERATE_SAT_VB, MAX_FEERATE_SAT_VB, MIN_FEERATE_SAT_VB, ChainBackend
 from bitmesh.chain.esplora import EsploraBackend, pick_estimate
 from bitmesh.chain.retry import Retry
-from bitmesh.errors import BroadcastRejected, ChainUnavailable, ConfigError
+from bitmesh.errors import BroadcastRejected, ChainError, ChainUnavailable, ConfigError
 from tests.support.bcoin import BcoinNode
 from tests.support.coins import (
     Coin,
@@ -295,3 +295,21 @@ def test_make_backend_refuses_unknown_kind_and_bad_urls():
 )
 def test_pick_estimate(estimates, target, expected):
     assert pick_estimate(estimates, target) == expected
+
+
+def test_btc_amounts_become_exact_satoshis_without_the_decimal_module():
+    """Core's JSON amounts (floats with up to 8 decimals) to satoshis exactly, over the whole
+    range, with python3-light's modules only (no decimal); anything else is refused."""
+    import random
+
+    from bitmesh.chain.core_rpc import btc_to_sat
+
+    rng = random.Random(7)
+    for sat in [0, 1, 1000, 12_345_678, 2_099_999_999_999_999, 2_100_000_000_000_000,
+                *(rng.randrange(2_100_000_000_000_001) for _ in range(20_000))]:
+        amount = float(f"{sat // 100_000_000}.{sat % 100_000_000:08d}")
+        assert btc_to_sat(amount) == sat and btc_to_sat(f"{amount:.8f}") == sat
+    assert btc_to_sat(1) == 100_000_000 and btc_to_sat(1e-05) == 1000
+    for bad in ("0.123456789", "1e-3x", "", "abc", "1.2.3"):
+        with pytest.raises(ChainError):
+            btc_to_sat(bad)

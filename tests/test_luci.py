@@ -30,7 +30,7 @@ SETTINGS_JS = VIEWS / "bitmesh" / "settings.js"
 ACL = APP / "root" / "usr" / "share" / "rpcd" / "acl.d" / "luci-app-bitmesh.json"
 MENU = APP / "root" / "usr" / "share" / "luci" / "menu.d" / "luci-app-bitmesh.json"
 UCI_CONFIG = ROOT / "files" / "etc" / "config" / "bitmesh"
-READ_ONLY = {"status", "clients", "channels", "earnings"}
+READ_ONLY = {"status", "clients", "channels", "earnings", "fleet"}
 ACTIONS = {"kick", "close_channel"}
 
 
@@ -92,7 +92,7 @@ def declared_calls() -> dict[tuple[str, str], list[str]]:
 
 def test_views_exist_and_are_valid_javascript(tmp_path):
     names = {p.relative_to(VIEWS).as_posix() for p in _views()}
-    assert names == {"bitmesh/settings.js", "bitmesh/status.js"}
+    assert names == {"bitmesh/settings.js", "bitmesh/status.js", "bitmesh/fleet.js"}
     for view in _views():
         source = view.read_text()
         assert source.startswith("'use strict';")
@@ -318,12 +318,16 @@ def test_all_json_files_parse():
 
 def test_menu_points_at_the_views():
     menu = json.loads(MENU.read_text())
-    assert set(menu) == {"admin/services/bitmesh", "admin/services/bitmesh/settings", "admin/services/bitmesh/status"}
+    assert set(menu) == {"admin/services/bitmesh", "admin/services/bitmesh/settings", "admin/services/bitmesh/status",
+                         "admin/services/bitmesh/fleet"}
     views = {name: entry["action"]["path"] for name, entry in menu.items() if entry["action"]["type"] == "view"}
     assert views == {
         "admin/services/bitmesh/settings": "bitmesh/settings",
         "admin/services/bitmesh/status": "bitmesh/status",
+        "admin/services/bitmesh/fleet": "bitmesh/fleet",
     }
+    assert [menu[name]["order"] for name in sorted(views, key=lambda n: menu[n]["order"])] == [1, 2, 3]
+    assert menu["admin/services/bitmesh/fleet"]["title"] == "Fleet"
     for path in views.values():
         assert (VIEWS / f"{path}.js").is_file()
     top = menu["admin/services/bitmesh"]
@@ -401,3 +405,71 @@ console.log(JSON.stringify(cases.map(function(c) {
             service = False
         assert form[(base, floor, ceiling)] == service, (base, floor, ceiling, form[(base, floor, ceiling)])
     assert sum(form.values()) == 4 + 4  # base 0: empty or 0 twice; base 10: floor 1 or 10, ceiling 10 or 50
+
+
+def test_uplink_mode_and_demand_pricing_are_exclusive_in_the_form_as_in_the_service():
+    """Both set the price of new channels (issue 11, resale): the service refuses both on with
+    uplink_demand_pricing_exclusive, and each flag's form check (settings.js exclusiveWith, run
+    here in node) refuses exactly what the service refuses."""
+    source = SETTINGS_JS.read_text()
+    for flag, other in (("demand_pricing", "uplink_enabled"), ("uplink_enabled", "demand_pricing")):
+        block = source[source.index(f"form.Flag, '{flag}'"):]
+        block = block[:block.index("s.taboption(", 1)]
+        assert f"o.validate = exclusiveWith('{other}'," in block, flag
+        assert f"o.onchange = recheck([ '{other}' ]);" in block, flag
+    helpers = (source[source.index("var DEFAULTS = "):source.index("// Per network")]
+               + source[source.index("function current("):source.index("// A change to this option re-checks")])
+    cases = [(u, d) for u in ("0", "1") for d in ("0", "1")]
+    script = ("var _ = function(s) { return s; };\n"
+              "String.prototype.format = function() { var a = [].slice.call(arguments), i = 0;"
+              " return this.replace(/%s/g, function() { return a[i++]; }); };\n" + helpers + """
+var cases = JSON.parse(process.argv[1]);
+console.log(JSON.stringify(cases.map(function(c) {
+    var values = { uplink_enabled: c[0], demand_pricing: c[1] };
+    var self = { map: { lookupOption: function(name) {
+        return [ { formvalue: function() { return values[name]; } }, 'main' ]; } } };
+    return exclusiveWith('demand_pricing', 'x').call(self, 'main', c[0]) === true &&
+           exclusiveWith('uplink_enabled', 'x').call(self, 'main', c[1]) === true;
+})));""")
+    run = subprocess.run(["node", "-e", script, json.dumps(cases)], capture_output=True, text=True, check=True)
+    form = dict(zip(cases, json.loads(run.stdout), strict=True))
+    for uplink, demand in cases:
+        try:
+            config.Settings.from_dict({"uplink_enabled": uplink, "uplink_budget_sat": "10000",
+                                       "demand_pricing": demand, "price_sat_per_minute": "0",
+                                       "price_floor_sat_per_mb": "1", "price_ceiling_sat_per_mb": "100"})
+            service = True
+        except config.ConfigError as e:
+            assert e.code == "uplink_demand_pricing_exclusive", e
+            service = False
+        assert form[(uplink, demand)] == service, (uplink, demand)
+    assert form == {("0", "0"): True, ("0", "1"): True, ("1", "0"): True, ("1", "1"): False}
+
+
+NODE_ID_CASES = ["0123456789abcdef", "0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", "0123456789abcdeg",
+                 " 0123456789abcdef", "bitmesh/+", ""]
+
+
+def test_fleet_nodes_are_validated_by_the_form_as_by_the_service():
+    """`fleet_nodes` (issue 11, fleet): a list of node ids on the Marketplace tab; the form's
+    validator (run here in node) accepts exactly what the service accepts (empty: no entry)."""
+    source = SETTINGS_JS.read_text()
+    assert re.search(r"form\.DynamicList, 'fleet_nodes'", source)
+    block = _option_block(source, "fleet_nodes")
+    validator = re.search(r"o\.validate = (function\(section_id, value\) \{.*?\n\t\t\});", block, re.S).group(1)
+    script = ("var _ = function(s) { return s; };\n"
+              f"var check = {validator};\n"
+              f"console.log(JSON.stringify({json.dumps(NODE_ID_CASES)}"
+              ".map(function(v) { return check('main', v) === true; })));")
+    run = subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True)
+    form = dict(zip(NODE_ID_CASES, json.loads(run.stdout), strict=True))
+    for value in NODE_ID_CASES[:-1]:
+        try:
+            config.Settings.from_dict({"fleet_nodes": [value]})
+            service = True
+        except config.ConfigError as e:
+            assert str(e).startswith("fleet_nodes:") and e.code == "config_invalid"
+            service = False
+        assert form[value] == service, f"{value!r}: form {form[value]}, service {service}"
+    assert form[""] is True and sum(form.values()) == 3
+    assert "#list fleet_nodes '0123456789abcdef'" in UCI_CONFIG.read_text()

@@ -16,11 +16,15 @@ import time
 
 import pytest
 
+from bitmesh.market.bus import BrokerConfig, Bus, Subscription
+from bitmesh.market.offer import encode, verify_offer
 from bitmesh.tariff import Tariff
 from bitmesh.uplink.wallet import UplinkWallet
 from tests.support.coins import NETWORK, key_address, new_key
+from tests.support.mosquitto import Mosquitto, available
 from tests.support.netns import Topology
-from tests.support.router import RouterService, payers, portal_call, read_settlement, router_services
+from tests.support.owrt import wait_for
+from tests.support.router import RouterService, payers, portal_call, python_in, read_settlement, router_services
 
 pytestmark = [
     pytest.mark.netns,
@@ -58,14 +62,27 @@ def _book(reseller: RouterService) -> dict:
 
 
 def _wait(what, check, timeout: float = 30.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
+    return wait_for(check, timeout, what, every)
+
+
+_OPEN = """
+import json, sys, urllib.error, urllib.request
+from bitcoin.wallet import CKey
+body = {"client_pubkey": bytes(CKey(bytes(range(1, 33)), compressed=True).pub).hex(), "deposit": 20000,
+        "refund_address": sys.argv[2]}
+req = urllib.request.Request(sys.argv[1] + "/api/channels", data=json.dumps(body).encode(), method="POST",
+                             headers={"Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        print(json.dumps([resp.status, json.loads(resp.read()), resp.headers.get("Retry-After")]))
+except urllib.error.HTTPError as e:
+    print(json.dumps([e.code, json.loads(e.read()), e.headers.get("Retry-After")]))
+"""
+
+
+def try_open(ns: str, url: str) -> tuple[int, dict, str | None]:
+    """POST /api/channels from `ns`: (status, answer, Retry-After)."""
+    return tuple(json.loads(python_in(ns, _OPEN, url, key_address(new_key())).stdout))
 
 
 def start_resale(topo, bcoin, faucet, workdir, started, budget: int = BUDGET) -> tuple[RouterService, RouterService]:
@@ -125,6 +142,11 @@ def test_a_client_browses_through_two_hops_and_the_margin_is_earned(topo, bcoin,
         payer.wait_for(r"channel closed by the router", timeout=20)
         book = _wait("the uplink channel retired", lambda: (b := _book(reseller)) and b["channel"] is None and b)
         assert book["spent_closed"] <= BUDGET
+        # not selling: the offer says why, an open is refused with a time to come back
+        offer = portal_call(client.ns, reseller.url, "offer")
+        assert (offer["selling"], offer["closed_reason"]) == (False, "uplink_budget_spent"), offer
+        status, refused, retry = try_open(topo.router.ns, reseller.url)
+        assert (status, refused["error"]["code"], retry) == (503, "not_selling", "30"), refused
         assert topo.call(client.ns, "http_get", f"{url}/", timeout=1).get("body") != "INTERNET"
 
         # both channels settle on-chain
@@ -147,3 +169,61 @@ def test_a_client_browses_through_two_hops_and_the_margin_is_earned(topo, bcoin,
         assert earned > cost
         # what upstream billed is the bytes carried (payload plus headers) at its price
         assert carried * UP_PRICE / 1e6 <= cost <= carried * UP_PRICE / 1e6 * 1.1 + 1
+
+
+@pytest.mark.skipif(not available(), reason="needs mosquitto and openssl (tools/deps.sh)")
+def test_the_reseller_buys_from_an_upstream_it_finds_on_the_broker(topo, bcoin, faucet, tmp_path):
+    """MQTT on for both routers: the reseller's configured upstream portal does not answer, the
+    upstream router's signed offer on the broker names its portal, reachable from the reseller's
+    WAN: the reseller buys from it, at its real price; a forged cheaper copy of that offer is not
+    believed."""
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    try:
+        for ns in (topo.router.ns, topo.upstream.ns):
+            topo.bridge_tcp(ns, broker.port, ("127.0.0.1", broker.port))
+        mqtt = {"mqtt_enabled": 1, "mqtt_broker": broker.broker}
+        with router_services(topo) as started:
+            upstream = RouterService(topo, bcoin, tmp_path / "upstream", {
+                "interface": topo.upstream.ifname, "price_sat_per_mb": UP_PRICE, "prepay_step_sat": UP_STEP, **mqtt,
+            }, host=topo.upstream).start()
+            started.append(upstream)
+            reader = Bus(BrokerConfig("127.0.0.1", broker.port, client_id="resale-test")).start()
+            try:
+                sub = Subscription(BrokerConfig("127.0.0.1", broker.port), ["bitmesh/v1/+/offer"]).start()
+                portal = f"http://{topo.upstream.ipv4}:"
+                found = sub.wait_for(lambda t, p: p and verify_offer(p, int(time.time() * 1000))["portal_url"]
+                                     .startswith(portal), timeout=20)
+                assert found is not None, "the upstream's offer never reached the broker"
+                genuine = json.loads(found[1])
+                # a copy at a tenth of the price, the signature left as it was: no node signed that price
+                reader.set_current(found[0], encode({**genuine, "sat_per_mb": UP_PRICE // 10}))
+                sub.stop()
+
+                seed = os.urandom(32)
+                _seed(tmp_path / "reseller" / "state", seed)
+                wallet = UplinkWallet(seed, None, NETWORK)
+                faucet.pay(wallet.script, 100_000)
+                reseller = RouterService(topo, bcoin, tmp_path / "reseller", {
+                    "price_sat_per_mb": 1, "prepay_step_sat": 1_000, **mqtt,
+                    "uplink_enabled": 1, "uplink_portal": "http://127.0.0.1:1", "uplink_margin_percent": MARGIN,
+                    "uplink_budget_sat": BUDGET, "uplink_deposit_sat": 20_000,
+                }).start()
+                started.append(reseller)
+                # while the broker holds only the forgery the reseller has no candidate: not selling
+                time.sleep(3)
+                assert _book(reseller).get("channel") is None
+                offer = portal_call(topo.clients[0].ns, reseller.url, "offer")
+                assert offer["selling"] is False, offer
+                reader.set_current(found[0], found[1])  # the upstream's own signed offer again
+                resale = Tariff(UP_PRICE * (100 + MARGIN) // 100, 0)
+                _wait("the resale price", lambda: (o := portal_call(topo.clients[0].ns, reseller.url, "offer"))
+                      ["selling"] and o["tariff"] == resale.to_json())
+                book = _book(reseller)
+                assert book["extra"]["portal"].rstrip("/") == genuine["portal_url"].rstrip("/")
+                up_channel = portal_call(topo.router.ns, upstream.url, "channel", book["channel"]["channel_id"])
+                assert up_channel["state"] == "open" and up_channel["tariff"] == {"sat_per_mb": UP_PRICE,
+                                                                                   "sat_per_minute": 0}
+            finally:
+                reader.stop()
+    finally:
+        broker.stop()

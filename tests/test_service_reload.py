@@ -109,3 +109,28 @@ def test_a_sighup_taken_by_another_thread_still_reloads_at_once(running):
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     assert 0 <= outcome["applied_after_s"] < 5, outcome
+
+
+def test_a_reload_in_uplink_mode_keeps_selling_as_the_uplink_decided(running, tmp_path):
+    """In uplink mode the uplink decides whether new channels are sold (closed_reason) and at
+    what price; a reload rebuilds the policy from the config and must not open the shop (or drop
+    the resale price) until the next uplink pass: the reloaded policy goes through the uplink's
+    terms at once."""
+    from bitmesh.uplink import buyer
+    from bitmesh.uplink.buyer import UplinkPolicy
+    from bitmesh.uplink.service import Uplink, UplinkRunner
+    from bitmesh.uplink.wallet import UplinkWallet
+
+    service, write = running
+    state = tmp_path / "uplink"
+    state.mkdir()
+    chain = service.manager.chain  # an Esplora URL nobody answers: no pass runs here anyway
+    uplink = Uplink(UplinkPolicy(budget_sat=5_000, deposit_sat=30_000), UplinkWallet(bytes(range(32)), chain, NETWORK),
+                    "http://127.0.0.1:9", state, chain)
+    service.uplink = UplinkRunner(service, uplink)  # not started: its verdict is the first one
+    service.uplink.apply(uplink.verdict)
+    assert service.manager.policy.closed_reason == buyer.NO_CHANNEL
+    write(price_sat_per_mb=1500)
+    assert service.reload() == []
+    assert service.manager.policy.closed_reason == buyer.NO_CHANNEL  # still not selling
+    assert service.manager.policy.sat_per_mb == 1500  # no uplink channel yet: no resale price to keep

@@ -111,7 +111,8 @@ def test_two_objects_one_for_the_command_line_one_for_luci(owrt, service):
     cli, luci = signatures(owrt, "bitmesh"), signatures(owrt, "luci.bitmesh")
     assert cli["kick"] == {"mac": "String"} and cli["status"] == {}
     assert luci["kick"] == {"mac": "String", "ubus_rpc_session": "String"}
-    assert set(cli) == set(luci) == {"status", "clients", "channels", "kick", "close_channel", "earnings", "reload"}
+    assert set(cli) == set(luci) == {"status", "clients", "channels", "kick", "close_channel", "earnings", "fleet",
+                                     "reload"}
 
     status, reply = ubus_call(owrt, "bitmesh", "status")
     assert status == 0 and reply["running"] is True and reply["chain"]["ok"] is True
@@ -120,6 +121,9 @@ def test_two_objects_one_for_the_command_line_one_for_luci(owrt, service):
     assert ubus_call(owrt, "bitmesh", "status", {"verbose": 1}) == (2, None)
     status, reply = ubus_call(owrt, "bitmesh", "kick", {"mac": "nonsense"})
     assert status == 0 and reply["error"]["code"] == "firewall_bad_client"
+    # the fleet view reads MQTT, off here (tests/test_fleet_netns.py has it on)
+    status, reply = ubus_call(owrt, "bitmesh", "fleet")
+    assert status == 0 and reply["error"]["code"] == "mqtt_disabled"
 
 
 def test_luci_reaches_the_service_through_uhttpd_with_the_apps_acl(owrt, service):

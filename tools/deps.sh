@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # build-essential .. openssl: OpenWrt's userland built from source (tools/owrt-userland.sh);
+# meson .. zlib1g-dev: apk-tools v3 (tools/pkg-managers.sh, with opkg-lede and usign);
 # busybox: OpenWrt's /bin/sh (ash) for its init scripts under procd.
-APT_PACKAGES="nftables iproute2 mosquitto iperf3 chromium curl build-essential cmake pkg-config libjson-c-dev busybox openssl dnsmasq-base"
+APT_PACKAGES="nftables iproute2 mosquitto iperf3 chromium curl build-essential cmake pkg-config libjson-c-dev busybox openssl dnsmasq-base meson ninja-build libssl-dev zlib1g-dev"
 VENV=${VENV:-.venv}
 VENV_LATEST=${VENV_LATEST:-.venv-latest}
 PYTHON=${PYTHON:-python3}
@@ -53,6 +54,7 @@ fi
 if [ -d "${OWRT_SOURCES:-../shared/openwrt-userland/sources}" ]; then
   PIP="$VENV/bin/pip" ./tools/owrt-userland.sh >/dev/null
   PIP="$VENV_LATEST/bin/pip" ./tools/owrt-userland.sh >/dev/null
+  ./tools/pkg-managers.sh >/dev/null  # apk, opkg, usign (.cache/pkg-managers)
 else
   echo "deps: no OpenWrt sources at ${OWRT_SOURCES:-../shared/openwrt-userland/sources}; owrt tests will skip" >&2
 fi

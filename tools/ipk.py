@@ -219,7 +219,7 @@ def control_text(pkg: Package, installed_size: int, epoch: int) -> str:
     fields = [
         ("Package", pkg.name),
         ("Version", pkg.version),
-        ("Depends", ", ".join(pkg.depends)),
+        ("Depends", ", ".join(pkg.depends)),  # left out when empty: opkg-lede crashes on "Depends: "
         ("Source", pkg.source),
         ("SourceName", pkg.source.rsplit("/", 1)[-1]),
         ("License", pkg.license),
@@ -230,7 +230,7 @@ def control_text(pkg: Package, installed_size: int, epoch: int) -> str:
         ("Installed-Size", str(installed_size)),
         ("Description", desc),
     ]
-    return "".join(f"{k}: {v}\n" for k, v in fields)
+    return "".join(f"{k}: {v}\n" for k, v in fields if v or k != "Depends")
 
 
 def build_ipk(pkg: Package, epoch: int) -> bytes:
@@ -496,15 +496,21 @@ def build_all(out: Path, cache: Path, epoch: int | None = None) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def command(build, description: str, argv: list[str] | None = None) -> int:
+    """The command line of a package builder (`build(out, cache)` -> the files it wrote): this
+    one's and tools/apk.py's."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", type=Path, default=ROOT / "dist")
     ap.add_argument("--cache", type=Path, default=ROOT / "build" / "cache",
                     help="where the python-bitcoinlib sdist is kept (default build/cache)")
     args = ap.parse_args(argv)
-    for path in build_all(args.out, args.cache):
+    for path in build(args.out, args.cache):
         print(f"{path}  {path.stat().st_size} bytes  sha256 {_sha256(path)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command(build_all, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from decimal import Decimal
 
 from bitmesh.chain.base import ChainBackend, OutSpend, TxStatus, Unspent, clamp_feerate
 from bitmesh.chain.retry import Retry, TransientError, redact_url
@@ -254,8 +253,17 @@ class CoreRpcBackend(ChainBackend):
 
 
 def btc_to_sat(value: float | int | str) -> int:
-    """A JSON BTC amount (a float with up to 8 decimals) to satoshis, exactly."""
-    return int((Decimal(str(value)) * 100_000_000).to_integral_value())
+    """A JSON BTC amount (up to 8 decimals) to satoshis, exactly, without the decimal module (not
+    in python3-light): the float nearest to such an amount prints back as it with 8 decimals for
+    any amount below 2^53 sat."""
+    text = (value if isinstance(value, str) else format(value, ".8f")).strip()
+    whole, _, frac = text.partition(".")
+    digits = whole.removeprefix("-")
+    well_formed = all(part.isdigit() or not part for part in (digits, frac)) and (digits or frac)
+    if not well_formed or len(frac) > 8:
+        raise ChainError(f"not a BTC amount with at most 8 decimals: {value!r}")
+    sats = int(digits or "0") * 100_000_000 + int(frac.ljust(8, "0"))
+    return -sats if whole.startswith("-") else sats
 
 
 def btc_per_kvb_to_sat_vb(value: float | int | None) -> float | None:

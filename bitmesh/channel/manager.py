@@ -152,6 +152,7 @@ class ChannelManager:
         """New channel terms; the session is bound to the caller's MAC and IP (the portal
         finds them), which is where access will be granted once it pays."""
         policy = self.policy  # one snapshot: the price checked is the price recorded (demand pricing)
+        rules.check_selling(policy)  # uplink mode: not while the upstream credit cannot be kept ahead
         rules.check_deposit(policy, req.deposit)
         if req.tariff is not None and req.tariff != (policy.sat_per_mb, policy.sat_per_minute):
             raise ChannelError(f"the price changed since the offer: now {policy.sat_per_mb} sat/MB, "

@@ -44,6 +44,30 @@ class ChannelPolicy:
     prepay_step_sat: int = 1_000
     sat_per_mb: int = 10
     sat_per_minute: int = 0
+    # Why new channels are refused now (uplink mode: the upstream credit cannot be kept ahead);
+    # None: open for business. Checked at open from the same snapshot the price is taken from.
+    closed_reason: str | None = None
+
+
+# Seconds a refused open is told to wait (Retry-After): the uplink pass runs every 2 s, but what
+# ends a stop (a top-up of the owner's wallet, a budget raised, the upstream back) takes longer.
+NOT_SELLING_RETRY_AFTER = 30
+
+
+class NotSelling(ChannelError):
+    """New channels are refused for now (the hotspot is not selling): retry after `retry_after` s."""
+
+    code = "not_selling"
+    http_status = 503
+
+    def __init__(self, reason: str, retry_after: int = NOT_SELLING_RETRY_AFTER):
+        super().__init__(f"this hotspot is not selling access now ({reason}); retry in {retry_after} s")
+        self.reason, self.retry_after = reason, retry_after
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        out["error"].update(reason=self.reason, retry_after=self.retry_after)
+        return out
 
 
 def _refuse(code: str, message: str, status: int = 409) -> ChannelError:
@@ -51,6 +75,11 @@ def _refuse(code: str, message: str, status: int = 409) -> ChannelError:
 
 
 # --- open ----------------------------------------------------------------------------------
+
+
+def check_selling(policy: ChannelPolicy) -> None:
+    if policy.closed_reason is not None:
+        raise NotSelling(policy.closed_reason)
 
 
 def check_deposit(policy: ChannelPolicy, deposit: int) -> None:

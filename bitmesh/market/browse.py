@@ -1,4 +1,5 @@
-"""`bitmesh offers --broker URL`: the live offers of a marketplace, verified, cheapest first.
+"""`bitmesh offers --broker URL`: the live offers of a marketplace, verified, cheapest first
+(and `bitmesh fleet --broker URL`: the same collection, summarised by bitmesh.market.fleet).
 
 It subscribes to `<prefix>/v1/+/offer` and `<prefix>/v1/+/state`, collects what the broker holds
 (retained) and what comes within `--window` seconds, and keeps for each node its newest offer
@@ -83,23 +84,30 @@ def table(offers: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-def run(args: argparse.Namespace) -> int:
+def collect(args: argparse.Namespace, topics: list[str]) -> list[tuple[str, bytes]] | None:
+    """What the broker holds (retained) and what comes within `--window` s on `topics`, oldest
+    first; None (said on stderr) when the broker is not reached."""
     from bitmesh.market.bus import BrokerConfig, Subscription
 
     host, port, tls = parse_broker(args.broker)
     password = Path(args.password_file).read_text().strip() if args.password_file else ""
     config = BrokerConfig(host, port, username=args.username or "", password=password, tls=tls or bool(args.ca_file),
                           ca_file=args.ca_file or "")
-    topics = [f"{args.prefix}/v1/+/offer", f"{args.prefix}/v1/+/state"]
     try:
         sub = Subscription(config, topics).start(timeout=args.timeout)
     except ConnectionError as e:
         print(f"bitmesh: broker_unreachable: {e}", file=sys.stderr)
-        return 2
+        return None
     time.sleep(args.window)
     sub.stop()
-    offers, dropped = select([(t, p) for t, p, _, _ in sub.messages], args.prefix, int(time.time() * 1000),
-                             args.network)
+    return [(t, p) for t, p, _, _ in sub.messages]
+
+
+def run(args: argparse.Namespace) -> int:
+    messages = collect(args, [f"{args.prefix}/v1/+/offer", f"{args.prefix}/v1/+/state"])
+    if messages is None:
+        return 2
+    offers, dropped = select(messages, args.prefix, int(time.time() * 1000), args.network)
     if dropped:
         print(f"dropped {sum(dropped.values())} offer(s): "
               + ", ".join(f"{code} {n}" for code, n in sorted(dropped.items())), file=sys.stderr)
@@ -107,15 +115,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("offers", help="list the live offers of a marketplace (MQTT), cheapest first")
+def run_fleet(args: argparse.Namespace) -> int:
+    """`bitmesh fleet`: the owner's routers from their signed totals, state and offers."""
+    from bitmesh.market.fleet import KINDS, fleet_table, is_node_id, summarise
+
+    nodes = tuple(dict.fromkeys(n.lower() for n in args.node or ()))
+    bad = [n for n in nodes if not is_node_id(n)]
+    if bad:
+        raise ConfigError(f"--node: expected a node id (16 hex digits), got {bad[0]!r}")
+    messages = collect(args, [f"{args.prefix}/v1/+/{kind}" for kind in KINDS])
+    if messages is None:
+        return 2
+    summary = summarise(messages, args.prefix, int(time.time() * 1000), nodes, args.network)
+    if summary["refused"]:
+        print(f"refused {sum(summary['refused'].values())} record(s) (not counted): "
+              + ", ".join(f"{code} {n}" for code, n in summary["refused"].items()), file=sys.stderr)
+    print(json.dumps(summary, indent=2) if args.json else fleet_table(summary))
+    return 0
+
+
+def _broker_options(p, what: str) -> None:
     p.add_argument("--broker", required=True, help="mqtt://host:port, or mqtts://host:port for TLS")
     p.add_argument("--prefix", default="bitmesh", help="topic prefix (the routers' mqtt_topic_prefix)")
-    p.add_argument("--network", help="only offers of this network (main, test, regtest ...)")
+    p.add_argument("--network", help=f"only {what} of this network (main, test, regtest ...)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--window", type=float, default=1.0, help="seconds to collect offers after subscribing")
+    p.add_argument("--window", type=float, default=1.0, help=f"seconds to collect {what} after subscribing")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker")
     p.add_argument("--username", help="broker user name")
     p.add_argument("--password-file", help="file holding the broker password (never on the command line)")
     p.add_argument("--ca-file", help="CA certificate (PEM) of a TLS broker; implies TLS")
+
+
+def add_fleet_parser(sub) -> None:
+    p = sub.add_parser("fleet", help="the owner's routers on a broker (MQTT): state, prices, clients, earnings")
+    _broker_options(p, "records")
+    p.add_argument("--node", action="append", help="a node id of the fleet, repeatable (default: every node)")
+    p.set_defaults(func=run_fleet)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("offers", help="list the live offers of a marketplace (MQTT), cheapest first")
+    _broker_options(p, "offers")
     p.set_defaults(func=run)

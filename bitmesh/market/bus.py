@@ -87,8 +87,15 @@ class Bus:
         self.dropped = 0  # events dropped because the queue was full
         self.sent = 0
         self._thread: threading.Thread | None = None
+        self._watched: list[str] = []  # topics read back (the fleet view), subscribed on each connect
 
     # --- callers ---------------------------------------------------------------------------
+
+    def watch(self, topics: list[str], on_message) -> None:
+        """Before `start`: also subscribe to `topics` (QoS 1), on every (re)connect, and hand each
+        message to `on_message(topic, payload)` on paho's thread (it must not block)."""
+        self._watched = list(topics)
+        self._client.on_message = lambda client, userdata, msg: on_message(msg.topic, bytes(msg.payload))
 
     def start(self) -> Bus:
         self._client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
@@ -145,6 +152,8 @@ class Bus:
             log.warning("MQTT broker %s:%d refused the connection: %s", self.config.host, self.config.port, code)
             return
         log.info("MQTT connected to %s:%d", self.config.host, self.config.port)
+        if self._watched:  # a clean session forgets subscriptions: again on every connect
+            client.subscribe([(topic, 1) for topic in self._watched])
         with self._lock:
             self._connected = True
             self._inflight.clear()  # paho re-sends its own unacknowledged messages itself

@@ -5,12 +5,21 @@ and settlement txids. Never a client secret: no proof, no signature, no transact
 pubkey, no refund address, and no MAC or IP at all. A hashed MAC would not hide it: a MAC has 48
 bits, 24 of them the vendor's well-known prefix, so its hash is reversed by enumeration in
 seconds; the channel id already ties a session's events together.
+
+The retained state and totals are signed with the node's identity key, as offers are (`sign`):
+a reader with the node_id (bound to the key) can tell them from what anybody with write access
+to the broker publishes under that node's topic (bitmesh.market.fleet verifies them).
 """
 
 from __future__ import annotations
 
+import hashlib
+
 from bitmesh.channel.history import payout_of
 from bitmesh.channel.state import Channel, Phase
+from bitmesh.market.offer import canonical
+
+SIGNED_KINDS = ("state", "totals")
 
 
 def channel_events(new: Channel, old: Channel | None, now_ms: int) -> list[dict]:
@@ -51,3 +60,15 @@ def totals_payload(node_id: str, earnings: dict, clients_now: int, payments: int
         "clients_total": earnings["settled_channels"] + earnings["settling_channels"] + earnings["open_channels"],
         "payments": payments, "payments_since": since_ms,
     }
+
+
+def signed_digest(kind: str, body: dict) -> bytes:
+    """SHA256("bitmesh <kind> 1 " + canonical body): a domain of its own per kind (and apart from
+    offers and transactions), so a signed state is never taken for totals."""
+    return hashlib.sha256(f"bitmesh {kind} 1 ".encode() + canonical(body)).digest()
+
+
+def sign(key, kind: str, body: dict) -> dict:
+    """`body` plus `pubkey` and `sig` (the identity key's DER signature, hex) over signed_digest."""
+    body = {**body, "pubkey": bytes(key.pub).hex()}
+    return {**body, "sig": key.sign(signed_digest(kind, body)).hex()}

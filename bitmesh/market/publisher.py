@@ -21,8 +21,9 @@ from bitmesh.control import Control
 from bitmesh.errors import BitMeshError
 from bitmesh.market import events
 from bitmesh.market.bus import BrokerConfig, Bus
+from bitmesh.market.fleet import FleetStore
 from bitmesh.market.identity import node_id_of, node_key
-from bitmesh.market.offer import REPUBLISH_MS, Terms, encode, make_offer
+from bitmesh.market.offer import REPUBLISH_MS, Terms, encode, make_offer, offer_digest
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -87,6 +88,10 @@ class MarketPublisher:
         self.topics = {name: f"{base}/{name}" for name in ("offer", "state", "events", "totals")}
         self._ssid = gated_ssid(settings.interface, wireless)
         self.bus = Bus(broker_config(settings, self.node_id), will=(self.topics["state"], self._state(False)))
+        # the fleet view (ubus `fleet`): the retained records of the owner's nodes, read back on
+        # this connection (no second client, no polling); bounded by fleet.MAX_NODES
+        self.fleet = FleetStore(settings.mqtt_topic_prefix, lambda: service.settings.fleet_nodes)
+        self.bus.watch(self.fleet.topics(), self.fleet.keep)
         self._seq = 0
         self._since = now_ms()
         self._payments = 0
@@ -98,7 +103,7 @@ class MarketPublisher:
         self._thread: threading.Thread | None = None
 
     def _state(self, online: bool) -> bytes:
-        return encode(events.state_payload(self.node_id, online, now_ms()))
+        return encode(events.sign(self._key, "state", events.state_payload(self.node_id, online, now_ms())))
 
     # --- what is advertised -----------------------------------------------------------------
 
@@ -110,7 +115,14 @@ class MarketPublisher:
         with self._lock:
             self._seq = max(now, self._seq + 1)  # grows across restarts too: it is the clock's
             seq = self._seq
-        return make_offer(self._key, self.terms(), seq, now)
+        offer = make_offer(self._key, self.terms(), seq, now)
+        closed = self.service.manager.policy.closed_reason
+        if closed is None:
+            return offer
+        # Not selling (uplink mode: opens refused with not_selling): said under the signature, beside
+        # the Terms fields; readers that know `selling` skip the node (verify_offer keeps the field).
+        body = {k: v for k, v in offer.items() if k != "sig"} | {"selling": False, "closed_reason": closed}
+        return {**body, "sig": self._key.sign(offer_digest(body)).hex()}
 
     def offer_changed(self) -> None:
         """Sign and publish the offer now (prices or terms changed)."""
@@ -120,8 +132,11 @@ class MarketPublisher:
         earnings = Control(self.service).earnings()
         with self._lock:
             payments = self._payments
-        return events.totals_payload(self.node_id, earnings, earnings["open_channels"], payments, self._since,
-                                     now_ms())
+        return events.sign(self._key, "totals", events.totals_payload(
+            self.node_id, earnings, earnings["open_channels"], payments, self._since, now_ms()))
+
+    def fleet_summary(self) -> dict:
+        return {"node_id": self.node_id, **self.fleet.summary(now_ms())}
 
     # --- events -------------------------------------------------------------------------------
 
@@ -157,7 +172,9 @@ class MarketPublisher:
         next_offer = time.monotonic() + REPUBLISH_MS / 1000
         while True:
             with self._due:
-                self._due.wait(max(0.0, next_offer - time.monotonic()))
+                # a change noted during the coalescing wait below is due now: its notify is spent
+                if not (self._totals_due or self._offer_due or self._stopping):
+                    self._due.wait(max(0.0, next_offer - time.monotonic()))
                 if self._stopping:
                     return
                 totals, offer = self._totals_due, self._offer_due

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import bottle
 
+from bitmesh.channel import server as rules
 from bitmesh.channel import wire
 from bitmesh.channel.manager import ChannelManager
 from bitmesh.channel.state import Channel, Phase
@@ -106,7 +107,7 @@ def api_route(handler: Callable[..., dict]) -> Callable[..., bottle.HTTPResponse
     def wrapper(*args, **kwargs):
         status, payload = answer(bottle.request.path, lambda: handler(*args, **kwargs))
         response = _json(status, payload)
-        retry = payload.get("error", {}).get("retry_after") if status == 429 else None
+        retry = payload.get("error", {}).get("retry_after") if status in (429, 503) else None
         if retry is not None:
             response.set_header("Retry-After", str(retry))
         return response
@@ -215,20 +216,25 @@ def install_channel_api(app: bottle.Bottle, manager: ChannelManager, node_id: st
     @app.get("/api/offer")
     @api_route
     def offer() -> dict:
+        policy = manager.policy  # one snapshot: the price and whether it is sold go together
         extra = {
-            "tariff": {"sat_per_mb": manager.policy.sat_per_mb, "sat_per_minute": manager.policy.sat_per_minute},
+            "tariff": {"sat_per_mb": policy.sat_per_mb, "sat_per_minute": policy.sat_per_minute},
+            # false: opens are refused (not_selling) for `closed_reason` (uplink mode: upstream credit)
+            "selling": policy.closed_reason is None,
+            "closed_reason": policy.closed_reason,
             # false (`bitmesh serve --no-firewall`): nothing is measured, owed = paid, all of it settled
             "metered": meter.metered,
             "portal_title": info.title,
             "portal_text": info.text,
             "tip_height": manager.chain_view().tip_height,
         }
-        return wire.offer_json(manager.policy, node_id, extra)
+        return wire.offer_json(policy, node_id, extra)
 
     @app.post("/api/channels")
     @api_route
     def open_channel() -> dict:
         req = wire.parse_open(read_json_body(), network)
+        rules.check_selling(manager.policy)  # told to anyone first, no open counted (the manager checks again)
         ip = _caller_ip()
         mac = gated_mac(ip)
         with device_lock(mac) if mac else contextlib.nullcontext():

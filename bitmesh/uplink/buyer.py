@@ -14,6 +14,7 @@ on disk before a payment leaves (bitmesh.uplink.store), so no restart can spend 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from bitmesh.channel.contract import DUST_LIMIT_SAT
 from bitmesh.tariff import Tariff
@@ -154,3 +155,11 @@ def cheapest(offers: Iterable[tuple[str, Tariff]], mb_per_minute: int = 1) -> st
         if best is None or price < best[0]:
             best = (price, url)
     return best[1] if best else None
+
+
+def portal_host(url: str) -> str | None:
+    """The host of an http(s) portal URL (what the first-hop check compares), else None."""
+    try:
+        return urlsplit(url).hostname if url.startswith(("http://", "https://")) else None
+    except ValueError:
+        return None

@@ -28,6 +28,7 @@ from bitmesh.chain.address import address_to_script
 from bitmesh.channel import contract as c
 from bitmesh.channel.keys import load_or_create_seed
 from bitmesh.channel.payer import PayerChannel, offer_terms
+from bitmesh.channel.server import ChannelPolicy
 from bitmesh.channel.state import Phase
 from bitmesh.errors import BitMeshError, ConfigError
 from bitmesh.paying import PayerSession
@@ -45,25 +46,37 @@ if TYPE_CHECKING:
     from bitmesh.chain.base import ChainBackend
     from bitmesh.config import Settings
     from bitmesh.service import Service
+    from bitmesh.uplink.offers import OfferBoard
 
 log = logging.getLogger(__name__)
 
 FUNDING_VBYTES_PER_INPUT = 68  # P2WPKH
 FUNDING_VBYTES_BASE = 11 + 43 + 31  # version/locktime, the contract output, the change output
 BALANCE_SECONDS = 60.0  # the wallet's balance (for status) is read at most this often
+PORTAL_TIMEOUT = 10.0
+PROBE_TIMEOUT = 3.0  # a market offer's portal that does not answer this fast is not taken
+CHOICE_SECONDS = 60.0  # an upstream chosen is kept this long (no probes every pass while none can open)
 
 
 class Uplink:
     def __init__(self, policy: UplinkPolicy, wallet: UplinkWallet, portal_url: str, state_dir: Path,
-                 chain: ChainBackend, clock: Callable[[], float] = time.monotonic):
+                 chain: ChainBackend, clock: Callable[[], float] = time.monotonic,
+                 market: OfferBoard | None = None, first_hops: Callable[[], set[str]] | None = None):
         self.policy = policy
         self.wallet = wallet
-        self.portal = PortalClient(portal_url, timeout=10.0)
+        self.default_portal = PortalClient(portal_url, timeout=PORTAL_TIMEOUT)  # configured, or the gateway's
+        self.market = market  # MQTT on: verified live offers, more candidates (bitmesh.uplink.offers)
+        # Hosts our WAN traffic leaves through: only an upstream there can carry what we pay for.
+        self.first_hops = first_hops or (lambda: {h for h in (default_gateway(), buyer.portal_host(portal_url)) if h})
         self.state_dir = state_dir
         self.chain = chain
         self.clock = clock
         self.store = BookStore(state_dir / "uplink.json")
         self.book: Book = self.store.load()
+        # The open channel's upstream (a restart resumes there); the next one is chosen at its open.
+        resumed = self.store.extra.get("portal") if self.book.channel is not None else None
+        self.portal = PortalClient(resumed, timeout=PORTAL_TIMEOUT) if resumed else self.default_portal
+        self._choice: tuple[PortalClient, float] | None = None  # the last upstream chosen, and when
         self.session: PayerSession | None = None
         self.owed = 0  # what the upstream meter says the open channel owes
         self.verdict = Verdict(False, False, buyer.NO_CHANNEL)
@@ -145,8 +158,54 @@ class Uplink:
 
     # --- channels ------------------------------------------------------------------------------
 
+    def _choose(self) -> tuple[PortalClient, dict]:
+        """The upstream of a new uplink channel and its offer: the cheapest (buyer.cheapest, at the
+        price its portal answers, which the channel gets) of the configured or gateway's portal and,
+        MQTT on, the market's verified offers whose portal answers from here (reachable from the
+        WAN) as the node that signed the offer. An open channel is never moved: this runs at open."""
+        if self.market is not None and self._choice is not None and self.clock() - self._choice[1] < CHOICE_SECONDS:
+            return self._choice[0], self._choice[0].offer()  # chosen a moment ago (no channel could open)
+        found: list[tuple[PortalClient, dict]] = []
+        failure: BaseException | None = None
+        try:
+            found.append((self.default_portal, self.default_portal.offer()))
+        except (OSError, BitMeshError) as e:
+            failure = e
+        # Only upstreams where our packets leave (the WAN's first hops): paid elsewhere, nothing would be
+        # carried (moving the WAN route is not done); nor is any other host an offer names probed.
+        for signed in self.market.offers(self.first_hops()) if self.market is not None else []:
+            probe = PortalClient(signed["portal_url"], timeout=PROBE_TIMEOUT)
+            if probe.base_url == self.default_portal.base_url:
+                continue
+            try:
+                answer = probe.offer()
+            except (OSError, BitMeshError) as e:
+                log.info("upstream offer of %s not taken: its portal %s does not answer: %s", signed["node_id"],
+                         probe.base_url, getattr(e, "code", e))
+                continue
+            if answer.get("node_id") != signed["node_id"] or answer.get("network") != signed["network"]:
+                log.warning("upstream offer of %s not taken: its portal %s answers as node %r", signed["node_id"],
+                            probe.base_url, answer.get("node_id"))
+                continue
+            found.append((PortalClient(probe.base_url, timeout=PORTAL_TIMEOUT), answer))
+        priced: list[tuple[PortalClient, dict, Tariff]] = []
+        for portal, answer in found:
+            try:
+                if answer.get("selling", True) is not False:
+                    priced.append((portal, answer, offer_terms(answer).tariff))
+            except (BitMeshError, KeyError, TypeError, ValueError) as e:
+                log.warning("upstream offer of %s not usable: %s", portal.base_url, e)
+        url = buyer.cheapest((p.base_url, tariff) for p, _, tariff in priced)
+        if url is None:
+            if failure is not None:
+                raise failure
+            raise PortalError("no upstream sells now", code="uplink_not_ready")
+        chosen = next((p, a) for p, a, _ in priced if p.base_url == url)
+        self._choice = (chosen[0], self.clock())
+        return chosen
+
     def _open(self) -> str | None:
-        offer = self.portal.offer()
+        self.portal, offer = self._choose()
         terms = offer_terms(offer)
         coins = self.wallet.coins()
         feerate = self.chain.estimate_feerate()
@@ -289,7 +348,14 @@ def uplink_from_settings(settings: Settings, chain: ChainBackend) -> Uplink:
                               code="uplink_portal_unknown")
         portal = f"http://{gateway}:{UPSTREAM_PORTAL_PORT}"
     policy = UplinkPolicy(settings.uplink_budget_sat, settings.uplink_deposit_sat, settings.uplink_margin_percent)
-    return Uplink(policy, UplinkWallet(seed, chain, settings.network), portal, state_dir, chain)
+    market = None
+    if settings.mqtt_enabled:
+        from bitmesh.channel.keys import ChannelKeychain
+        from bitmesh.market.identity import node_id_of, node_key
+        from bitmesh.uplink.offers import OfferBoard  # paho with it: only with MQTT on
+
+        market = OfferBoard(settings, node_id_of(bytes(node_key(ChannelKeychain(seed)).pub))).begin()
+    return Uplink(policy, UplinkWallet(seed, chain, settings.network), portal, state_dir, chain, market=market)
 
 
 class UplinkRunner:
@@ -304,6 +370,7 @@ class UplinkRunner:
         self._thread = threading.Thread(target=self._loop, name="uplink", daemon=True)
 
     def start(self) -> UplinkRunner:
+        self.apply(self.uplink.verdict)  # nothing is sold before the first uplink channel is funded
         log.info("uplink mode: buying from %s, deposit address %s", self.uplink.portal.base_url,
                  self.uplink.wallet.address)
         self._thread.start()
@@ -313,6 +380,8 @@ class UplinkRunner:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=15)
+        if self.uplink.market is not None:
+            self.uplink.market.stop()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -322,15 +391,30 @@ class UplinkRunner:
                 log.exception("uplink pass failed")
             self._stop.wait(self.interval)
 
+    def terms(self, policy: ChannelPolicy, verdict: Verdict | None = None) -> ChannelPolicy:
+        """`policy` with what uplink mode sells at: the resale price, and no sale (closed_reason)
+        while upstream credit cannot be kept ahead. A reload builds its new policy through this,
+        so no open sees the config's base price in between."""
+        verdict = verdict or self.uplink.verdict
+        tariff = self.uplink.resale_tariff()
+        prices = (policy.sat_per_mb, policy.sat_per_minute) if tariff is None else (
+            tariff.sat_per_mb, tariff.sat_per_minute)
+        closed = None if verdict.selling else (verdict.reason or buyer.NO_CHANNEL)
+        if (policy.sat_per_mb, policy.sat_per_minute, policy.closed_reason) == (*prices, closed):
+            return policy
+        return dataclasses.replace(policy, sat_per_mb=prices[0], sat_per_minute=prices[1], closed_reason=closed)
+
     def apply(self, verdict: Verdict) -> None:
         service = self.service
         manager = service.manager
-        tariff = self.uplink.resale_tariff()
-        if tariff is not None and (manager.policy.sat_per_mb, manager.policy.sat_per_minute) != (
-                tariff.sat_per_mb, tariff.sat_per_minute):
-            manager.policy = dataclasses.replace(manager.policy, sat_per_mb=tariff.sat_per_mb,
-                                                 sat_per_minute=tariff.sat_per_minute)
-            log.info("resale price: %d sat/MB, %d sat/min", tariff.sat_per_mb, tariff.sat_per_minute)
+        policy = self.terms(manager.policy, verdict)
+        if policy is not manager.policy:
+            manager.policy = policy
+            if policy.closed_reason is None:
+                log.info("selling at the resale price: %d sat/MB, %d sat/min", policy.sat_per_mb,
+                         policy.sat_per_minute)
+            else:
+                log.warning("not selling (%s): new client channels refused", policy.closed_reason)
             service.offer_changed()
         if not verdict.cut:
             return

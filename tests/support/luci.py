@@ -137,8 +137,11 @@ class LuciRouter:
         return instance.get("pid") if instance.get("running") else None
 
     def wait_serving(self, timeout: float = 30.0) -> dict:
-        """Until `ubus call bitmesh status` answers; that answer."""
+        """Until `ubus call bitmesh status` answers and LuCI's object (`luci.bitmesh`, registered
+        right after it) is there too; the status answer."""
         try:
+            wait_for(lambda: "luci.bitmesh" in self.root.ubus("list").stdout.split(), timeout,
+                     "the luci.bitmesh ubus object", interval=0.2)
             return wait_for(lambda: self.ubus("status"), timeout, "the bitmesh ubus object", interval=0.2)
         except TimeoutError:
             raise AssertionError(f"the service did not come up:\n{self.root.logread()[-3000:]}") from None

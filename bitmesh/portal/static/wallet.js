@@ -47,6 +47,10 @@ function archive(entry) {
 
 // --- HTTP --------------------------------------------------------------------------------------
 
+// The router sells no new access now (its own upstream credit ran out: /api/offer `selling`).
+const NOT_SELLING = 'This hotspot is not selling access right now. Nothing was charged; try again later.';
+const NOT_SELLING_POLL_MS = 30000;
+
 const FRIENDLY = {
   chain_unavailable: "The router cannot reach its bitcoin node right now. Try again in a minute.",
   broadcast_rejected: "The bitcoin network refused the funding transaction",
@@ -57,6 +61,7 @@ const FRIENDLY = {
   proof_invalid: "The router does not recognise this page's key for the channel.",
   proof_missing: "The router asks for this channel's key, which this page does not have.",
   price_changed: "The price changed while the channel was opening. Check the new price above and open again.",
+  not_selling: NOT_SELLING,
 };
 
 class ApiError extends Error {
@@ -194,6 +199,27 @@ function renderOffer() {
   if (!dep.value) dep.value = offer.min_deposit_sat;
   setText('deposit-range', `${sat(offer.min_deposit_sat)} to ${sat(offer.max_deposit_sat)}`);
   renderBuys();
+  renderSelling();
+}
+
+let sellingPoll = null;
+
+/** Not selling: said plainly, the open button off, the offer read again until it sells. */
+function renderSelling() {
+  const closed = offer.selling === false && !(S && S.channelId); // a channel of this page keeps its terms
+  $('open-btn').disabled = closed;
+  if (closed) {
+    showError(new WalletError('not_selling', NOT_SELLING));
+  } else if ($('error').textContent === NOT_SELLING) {
+    showError(null);
+  }
+  if (closed && !sellingPoll) {
+    sellingPoll = setTimeout(async () => {
+      sellingPoll = null;
+      offer = await api('GET', '/api/offer').catch(() => offer);
+      renderOffer();
+    }, NOT_SELLING_POLL_MS);
+  }
 }
 
 function renderBuys() {
@@ -301,7 +327,7 @@ async function openChannel() {
   } catch (e) {
     S = null; // nothing can have been funded: start again from the form
     localStorage.removeItem(STORE);
-    if (e.code === 'price_changed') {
+    if (e.code === 'price_changed' || e.code === 'not_selling') {
       offer = await api('GET', '/api/offer').catch(() => offer);
       renderOffer();
     }

@@ -153,6 +153,15 @@ function priceBand(base, isFloor) {
 	};
 }
 
+// Validator of a flag that may not be on with flag `other` (config.py _check_uplink,
+// uplink_demand_pricing_exclusive: demand pricing and uplink mode both set the price of new channels).
+function exclusiveWith(other, label) {
+	return function(section_id, value) {
+		return (value === '1' && current(this, section_id, other) === '1')
+			? _('Switch off %s first: both set the price of new channels').format(label) : true;
+	};
+}
+
 // A change to this option re-checks the options whose bounds depend on it.
 function recheck(names) {
 	return function(ev, section_id, value) {
@@ -374,6 +383,8 @@ return view.extend({
 		// Demand pricing (bitmesh/market/pricing.py): the checks of config.py's _check_demand_pricing
 		o = s.taboption('prices', form.Flag, 'demand_pricing', _('Demand pricing'),
 			_('New channels\' prices follow the load (paid clients over capacity): the floor with no client, the prices above at the target load, the ceiling at full capacity, moving at most the step per minute. A channel keeps the price it opened with; Status shows the current price.'));
+		o.validate = exclusiveWith('uplink_enabled', _('uplink mode'));
+		o.onchange = recheck([ 'uplink_enabled' ]);
 
 		o = s.taboption('prices', form.Value, 'price_floor_sat_per_mb', _('Floor per MB (sat)'),
 			_('Above 0 and at most the price; 0 while that price is 0.'));
@@ -577,12 +588,24 @@ return view.extend({
 				: _('Enter an absolute path without ".."');
 		};
 
+		o = s.taboption('mqtt', form.DynamicList, 'fleet_nodes', _('Fleet nodes'),
+			_('Node ids of your own routers for the Fleet page; empty: every node on the broker'));
+		o.depends('mqtt_enabled', '1');
+		o.retain = true;
+		o.placeholder = '0123456789abcdef';
+		o.validate = function(section_id, value) {
+			return (value == null || value === '' || /^[0-9A-Fa-f]{16}$/.test(value)) ? true
+				: _('A node id is 16 hex digits');
+		};
+
 		// --- Uplink (resale) ---
 		o = s.taboption('uplink', form.Flag, 'uplink_enabled', _('Resell an upstream BitMesh hotspot'),
 			_('This router\'s WAN is a client of another BitMesh hotspot: it pays that hotspot from its own wallet (fund the deposit address shown on the Status page) and resells to its clients at the margin below. When the budget or the wallet runs out it stops selling and its clients lose access.'));
+		o.validate = exclusiveWith('demand_pricing', _('demand pricing'));
+		o.onchange = recheck([ 'demand_pricing' ]);
 
 		o = s.taboption('uplink', form.Value, 'uplink_portal', _('Upstream portal'),
-			_('e.g. http://192.168.8.1:8088; empty: the WAN\'s default gateway\'s portal'));
+			_('e.g. http://192.168.8.1:8088; empty: the WAN\'s default gateway\'s portal. With MQTT on, the verified offers on the broker whose portals answer from the WAN are candidates too: each new uplink channel is opened with the cheapest.'));
 		o.depends('uplink_enabled', '1');
 		o.retain = true;
 		o.validate = httpUrl;
