@@ -150,6 +150,8 @@ class Meter:
         self._reading: tuple[float, dict[str, ClientUsage]] | None = None  # (monotonic start, usage)
         manager.listeners.append(self.on_channel)
         manager.owed = self.owed
+        manager.freeze = self.freeze
+        manager.thaw = self.thaw
 
     @property
     def metered(self) -> bool:
@@ -291,6 +293,33 @@ class Meter:
                 log.info("channel %s: %s access revoked (%s)", new.id, new.client_mac, new.phase.value)
                 if holder is not None:
                     self._grant(holder)
+
+    def freeze(self, channel: Channel) -> None:
+        """A close is about to read `channel`'s final usage: its device's traffic stops first (the
+        gate lowers its quota in place to nothing), so nothing passes unbilled between that read
+        and the revoke. Only the device's grant holder's (another channel's grant is not this
+        close's to stop). A failed freeze leaves the close as it was: billed to the read."""
+        if not self._gated(channel) or channel.phase is not Phase.OPEN:
+            return
+        assert self.gate is not None
+        holder = device_holders(self.manager.channels()).get(channel.client_mac)
+        if holder is None or holder.id != channel.id:
+            return
+        try:
+            self.gate.freeze(channel.client_mac)
+        except Exception:
+            log.exception("channel %s: freezing %s before the final read failed", channel.id, channel.client_mac)
+
+    def thaw(self, channel: Channel) -> None:
+        """The close failed: the channel is still open, its device gets its access back."""
+        if not self._gated(channel):
+            return
+        assert self.gate is not None
+        try:
+            self.gate.thaw(channel.client_mac)
+        except Exception:
+            log.exception("channel %s: giving %s its access back failed; its next payment (or a restart) "
+                          "does", channel.id, channel.client_mac)
 
     def restore(self) -> None:
         """After a restart: every device's open, paid channel back in the kernel, with what the

@@ -59,6 +59,10 @@ class ChannelManager:
         self.clock = clock
         # What the client used, asked at settlement (the meter); default: all it paid.
         self.owed = owed or (lambda ch: ch.paid)
+        # A close stops the device's traffic before its final read (`freeze`: the meter) and
+        # gives it back if the close fails (`thaw`); by default there is nothing to stop.
+        self.freeze: Callable[[Channel], None] = lambda ch: None
+        self.thaw: Callable[[Channel], None] = lambda ch: None
         self.listeners: list[Listener] = []
         self._lock = threading.RLock()
         self._channels: dict[str, Channel] = ledger.load()
@@ -271,6 +275,10 @@ class ChannelManager:
         payment or state change: no flash write per meter pass)."""
         with self._lock:
             channel = self.get(channel_id)
+            # A meter pass's read may predate a close's final one: never below it, never after it.
+            if channel.owed is not None or channel_id not in self._channels:
+                return channel
+            bytes_used, seconds_used = max(bytes_used, channel.bytes_used), max(seconds_used, channel.seconds_used)
             if (bytes_used, seconds_used) != (channel.bytes_used, channel.seconds_used):
                 channel = channel.evolve(bytes_used=bytes_used, seconds_used=seconds_used)
                 self._channels[channel_id] = channel
@@ -294,26 +302,33 @@ class ChannelManager:
             left = feebump.blocks_left(channel.expiry, view.tip_height, view.mtp) if view else feebump.MAX_TARGET_BLOCKS
             target = feebump.target_blocks(left)
             feerate = self._feerate(target) if wait_for_chain else (self._last_feerate or FALLBACK_FEERATE_SAT_VB)
-            owed = max(0, min(self._owed(channel), channel.paid))
-            channel = self.get(channel_id)  # with the usage the meter just read: the record shows what owed bills
-            key = self.keychain.channel_key(channel.key_index, channel.server_pubkey)  # a wrong seed: refused
+            # Traffic stops before the final read: what passes between the read and the revoke
+            # (signing, the journal's fsync, the listeners) would otherwise never be billed.
+            self.freeze(channel)
             try:
-                tx = rules.build_settlement(channel, self.policy, key, owed, feerate)
-            except ChannelError as e:
-                if e.code != "settlement_uneconomic":
-                    raise
-                log.warning("channel %s: %s; not settled at a loss: the client takes its deposit back with its "
-                            "refund after the expiry", channel.id, e.message)
-                return self._commit(channel.evolve(phase=Phase.UNECONOMIC, owed=owed, close_reason=reason))
-            settling = self._commit(
-                channel.evolve(
-                    phase=Phase.SETTLING,
-                    owed=owed,
-                    settlement_txid=c.txid_of(tx),
-                    settlement_raw=tx.serialize(),
-                    close_reason=reason,
+                owed = max(0, min(self._owed(channel), channel.paid))
+                channel = self.get(channel_id)  # with the usage the meter just read: the record shows what owed bills
+                key = self.keychain.channel_key(channel.key_index, channel.server_pubkey)  # a wrong seed: refused
+                try:
+                    tx = rules.build_settlement(channel, self.policy, key, owed, feerate)
+                except ChannelError as e:
+                    if e.code != "settlement_uneconomic":
+                        raise
+                    log.warning("channel %s: %s; not settled at a loss: the client takes its deposit back with "
+                                "its refund after the expiry", channel.id, e.message)
+                    return self._commit(channel.evolve(phase=Phase.UNECONOMIC, owed=owed, close_reason=reason))
+                settling = self._commit(
+                    channel.evolve(
+                        phase=Phase.SETTLING,
+                        owed=owed,
+                        settlement_txid=c.txid_of(tx),
+                        settlement_raw=tx.serialize(),
+                        close_reason=reason,
+                    )
                 )
-            )
+            except BaseException:
+                self.thaw(channel)  # not closed (storage_full, seed_mismatch ...): still open, its access back
+                raise
         if wait_for_chain:
             self._broadcast_settlement(settling)
         return settling

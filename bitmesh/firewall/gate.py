@@ -206,6 +206,7 @@ class Gate:
         self._own: dict[str, tuple[str, ...]] = {}  # the addresses each grant names (not learned)
         self._retired: dict[str, tuple[int, int]] = {}  # bytes counted on elements since removed
         self._last: _State | None = None  # the last read, for sync_addresses' candidates
+        self._frozen: dict[str, int] = {}  # MAC -> its byte allowance, held back while a close reads (freeze)
         self._lock = threading.RLock()
         self._loaded = False  # start()/reload() put the table in and stop() has not removed it
         self._watch: TableWatch | None = None
@@ -303,12 +304,16 @@ class Gate:
 
     def update_quota(self, mac: str, *, quota_bytes: int | None = None, expires_at: float | None = None) -> None:
         """After a payment: raise the total byte allowance and/or move the expiry time. None
-        leaves that limit unchanged. Used bytes are not reset."""
+        leaves that limit unchanged. Used bytes are not reset. A frozen device keeps passing
+        nothing: its new allowance waits for the thaw."""
         with self._lock:
             mac = normalize_mac(mac)
             old = self._clients.get(mac)
             if old is None:
                 raise UnknownClient(f"no paid client {mac}")
+            if mac in self._frozen and quota_bytes is not None:
+                self._frozen[mac] = int(quota_bytes)
+                quota_bytes = 0
             new = replace(
                 old,
                 quota_bytes=old.quota_bytes if quota_bytes is None else int(quota_bytes),
@@ -317,6 +322,36 @@ class Gate:
             new.normalized()
             if self._raise_quota(old, new):
                 return
+            self._apply(mac, lambda st: self._carry(new, st))
+
+    def freeze(self, mac: str) -> bool:
+        """Stop a byte-billed device's traffic now, keeping its elements and counts: its quota's
+        limit lowered in place to nothing (`add quota` of an existing quota, as a payment's raise
+        does), one batch, no read. A settlement then reads a count that no longer moves, and the
+        revoke that follows loses nothing unbilled. False (nothing done) for a device without a
+        byte quota (nothing it moves is billed by the byte) or not paid."""
+        with self._lock:
+            mac = normalize_mac(mac)
+            c = self._clients.get(mac)
+            if c is None or c.quota_bytes is None:
+                return False
+            if mac not in self._frozen:
+                self.nft.load(f"add quota {FAMILY} {TABLE} {quota_name(mac)} {{ over 0 bytes; }}\n")
+                self._frozen[mac] = c.quota_bytes
+                self._clients[mac] = replace(c, quota_bytes=0)  # a restore or a replace keeps it frozen
+            return True
+
+    def thaw(self, mac: str) -> None:
+        """Undo `freeze` (the close failed: the channel is still open): the device's allowance
+        back, in a quota object that counts the bytes its elements accepted (the frozen one also
+        counted the packets it dropped). Nothing if it is not frozen (or was revoked since)."""
+        with self._lock:
+            mac = normalize_mac(mac)
+            quota = self._frozen.pop(mac, None)
+            c = self._clients.get(mac)
+            if quota is None or c is None:
+                return
+            new = replace(c, quota_bytes=quota)
             self._apply(mac, lambda st: self._carry(new, st))
 
     def revoke(self, mac: str) -> ClientUsage | None:
@@ -429,6 +464,9 @@ class Gate:
         self._seen = {c.mac: (c.used_up, c.used_down) for c in self._clients.values()}
         self._own = {mac: own.get(mac, c.addresses) for mac, c in self._clients.items()}
         self._retired = {}
+        # still frozen only where the new grant is (a caller's list has the real allowance)
+        self._frozen = {m: q for m, q in self._frozen.items()
+                        if m in self._clients and self._clients[m].quota_bytes == 0}
 
     @staticmethod
     def _leftover_counts(c: PaidClient, st: _State, own: set[str]) -> PaidClient:
@@ -515,7 +553,7 @@ class Gate:
     def _applied(self, mac: str, new: PaidClient | None, retired: tuple[int, int] | None) -> None:
         """The gate's state after a batch for `mac` was loaded."""
         if new is None:
-            for d in (self._clients, self._seen, self._own, self._retired):
+            for d in (self._clients, self._seen, self._own, self._retired, self._frozen):
                 d.pop(mac, None)
             return
         self._clients[mac] = new
