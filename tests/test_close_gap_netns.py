@@ -26,10 +26,10 @@ import time
 
 import pytest
 
-from bitmesh.firewall import FirewallConfig, Gate, Nft, PaidClient
+from bitmesh.firewall import FirewallConfig, PaidClient
 from bitmesh.tariff import Tariff
 from tests.support.netns import Topology, run_in
-from tests.support.router import RouterService, payers, portal_call, router_services
+from tests.support.router import RouterService, gate_in, payers, portal_call, router_services
 
 pytestmark = [
     pytest.mark.netns,
@@ -169,15 +169,8 @@ def test_a_stale_meter_read_never_changes_a_closing_channels_count(hotspot):
 def gate(topo):
     config = FirewallConfig(lan_interface=topo.LAN, router_ipv4=topo.router.ipv4, router_ipv6=topo.router.ipv6,
                             portal_port=PORTAL_PORT)
-    g = Gate(config, Nft(topo.nft_argv()))
-    g.start([])
-    for ns in (topo.upstream.ns, topo.clients[0].ns):
-        topo.reset_counters(ns)
-    try:
+    with gate_in(topo, config) as g:
         yield g
-    finally:
-        g.stop()
-        run_in(topo.router.ns, "ip", "neigh", "flush", "dev", topo.LAN)
 
 
 def _get(topo, n: int) -> dict:

@@ -28,6 +28,7 @@ from tests.support.garden import (
     udp_flood,
 )
 from tests.support.netns import Topology, run_in
+from tests.support.router import gate_in
 
 pytestmark = [
     pytest.mark.netns,
@@ -81,15 +82,8 @@ def config(topo):
 
 @pytest.fixture
 def gate(topo, config):
-    g = Gate(config, Nft(topo.nft_argv()))
-    g.start([])
-    for ns in (topo.upstream.ns, topo.clients[0].ns):
-        topo.reset_counters(ns)
-    try:
+    with gate_in(topo, config) as g:
         yield g
-    finally:
-        g.stop()
-        run_in(topo.router.ns, "ip", "neigh", "flush", "dev", topo.LAN)
 
 
 def paid(host, **kw) -> PaidClient:

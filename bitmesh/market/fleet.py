@@ -20,7 +20,6 @@ the broker. A listed node that published nothing is shown as `unknown`.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ from bitmesh.channel import contract as c
 from bitmesh.errors import BitMeshError
 from bitmesh.market.events import signed_digest
 from bitmesh.market.identity import NODE_ID_HEX, node_id_of
-from bitmesh.market.offer import MAX_FUTURE_MS, MAX_OFFER_BYTES, OfferError, verify_offer
+from bitmesh.market.offer import MAX_FUTURE_MS, MAX_OFFER_BYTES, OfferError, load_object, verify_offer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -61,14 +60,7 @@ def is_node_id(value: object) -> bool:
 def verify_record(kind: str, payload: bytes, topic_node: str, now_ms: int,
                   max_future_ms: int = MAX_FUTURE_MS) -> dict[str, Any]:
     """The state or totals record in `payload`, if signed by the key `topic_node` stands for."""
-    if len(payload) > MAX_RECORD_BYTES:
-        raise RecordError(f"{kind} larger than {MAX_RECORD_BYTES} bytes", code="record_too_large")
-    try:
-        record = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RecordError(f"{kind} is not JSON: {e}", code="record_malformed") from None
-    if not isinstance(record, dict):
-        raise RecordError(f"{kind} must be a JSON object", code="record_malformed")
+    record = load_object(payload, MAX_RECORD_BYTES, kind, RecordError, prefix="record")
     if not isinstance(record.get("sig"), str) or not isinstance(record.get("pubkey"), str):
         raise RecordError(f"{kind} is not signed", code="record_unsigned")
     fields = TOTALS_FIELDS if kind == "totals" else ("at",)

@@ -94,18 +94,26 @@ def encode(offer: dict[str, Any]) -> bytes:
     return canonical(offer)
 
 
+def load_object(payload: bytes, max_bytes: int, what: str, error: type[BitMeshError], prefix: str = "offer") -> dict:
+    """A published JSON object, before its signature is looked at: `error` with code
+    `<prefix>_too_large` or `<prefix>_malformed` for anything else (offers, and the state and
+    totals records of bitmesh.market.fleet)."""
+    if len(payload) > max_bytes:
+        raise error(f"{what} larger than {max_bytes} bytes", code=f"{prefix}_too_large")
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{what} is not JSON: {e}", code=f"{prefix}_malformed") from None
+    if not isinstance(obj, dict):
+        raise error(f"{what} must be a JSON object", code=f"{prefix}_malformed")
+    return obj
+
+
 def verify_offer(payload: bytes, now_ms: int, network: str | None = None,
                  max_future_ms: int = MAX_FUTURE_MS) -> dict[str, Any]:
     """The offer in `payload` if it is well formed, signed by the key its node_id stands for,
     of `network` (when given) and current at `now_ms`; else OfferError with a stable code."""
-    if len(payload) > MAX_OFFER_BYTES:
-        raise OfferError(f"offer larger than {MAX_OFFER_BYTES} bytes", code="offer_too_large")
-    try:
-        offer = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise OfferError(f"offer is not JSON: {e}", code="offer_malformed") from None
-    if not isinstance(offer, dict):
-        raise OfferError("offer must be a JSON object", code="offer_malformed")
+    offer = load_object(payload, MAX_OFFER_BYTES, "offer", OfferError)
     for name, kind in {**_FIELDS, "sig": str}.items():
         value = offer.get(name)
         if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):

@@ -407,3 +407,21 @@ def payers(topo: Topology, faucet: Faucet, workdir: Path, counted: tuple[str, ..
     finally:
         for payer in started:
             payer.kill()
+
+
+@contextlib.contextmanager
+def gate_in(topo: Topology, config) -> Iterator:
+    """A Gate (bitmesh.firewall) on the router namespace's nft, started with no client, the
+    byte counters of upstream and the first client zeroed; stopped afterwards and the router's
+    neighbour table flushed."""
+    from bitmesh.firewall import Gate, Nft
+
+    gate = Gate(config, Nft(topo.nft_argv()))
+    gate.start([])
+    for ns in (topo.upstream.ns, topo.clients[0].ns):
+        topo.reset_counters(ns)
+    try:
+        yield gate
+    finally:
+        gate.stop()
+        run_in(topo.router.ns, "ip", "neigh", "flush", "dev", topo.LAN)
