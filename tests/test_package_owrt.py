@@ -12,10 +12,12 @@ namespace, so its `table inet bitmesh` is real. The real opkg/apk installs are i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,18 +50,26 @@ def packages() -> dict[str, ipk.Package]:
     return {p.name: p for p in pkgs}
 
 
-@pytest.fixture
-def netns():
-    name = f"bmpkg{os.getpid() % 100000}"
+@contextlib.contextmanager
+def lan_namespace(prefix: str, address: str) -> Iterator[str]:
+    """A network namespace with a LAN device (`LAN`, a veth, at `address`/24) for a router root;
+    deleted afterwards."""
+    name = f"{prefix}{os.getpid() % 100000}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         for argv in (["link", "set", "lo", "up"], ["link", "add", LAN, "type", "veth", "peer", "name", LAN + "p"],
-                     ["addr", "add", "10.77.0.1/24", "dev", LAN], ["link", "set", LAN, "up"],
+                     ["addr", "add", f"{address}/24", "dev", LAN], ["link", "set", LAN, "up"],
                      ["link", "set", LAN + "p", "up"]):
             subprocess.run(["ip", "-n", name, *argv], check=True)
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def netns():
+    with lan_namespace("bmpkg", "10.77.0.1") as name:
+        yield name
 
 
 def _control(pkg: ipk.Package) -> dict[str, str]:

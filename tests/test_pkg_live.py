@@ -8,7 +8,6 @@ The previous release is the version-bumped copy of tests/test_pkg_install.py (0.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 from tests.support.owrt import OwrtRoot, userland, wait_for, why_no_userland
 from tests.support.router import uci_config
-from tests.test_package_owrt import LAN, OPTIONS, Router
+from tests.test_package_owrt import OPTIONS, Router, lan_namespace
 from tests.test_pkg_install import OLD_VERSION, apk_feed, ipk_feed, pm_tools, releases_of
 from tools import ipk
 
@@ -39,16 +38,8 @@ def releases() -> dict[str, list[ipk.Package]]:
 
 @pytest.fixture
 def netns():
-    name = f"bmpkl{os.getpid() % 100000}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        for argv in (["link", "set", "lo", "up"], ["link", "add", LAN, "type", "veth", "peer", "name", LAN + "p"],
-                     ["addr", "add", "10.78.0.1/24", "dev", LAN], ["link", "set", LAN, "up"],
-                     ["link", "set", LAN + "p", "up"]):
-            subprocess.run(["ip", "-n", name, *argv], check=True)
+    with lan_namespace("bmpkl", "10.78.0.1") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 class LiveOpkg:
